@@ -1,0 +1,183 @@
+"""`corrclip` command line: segment images with any class names.
+
+Examples:
+  corrclip segment photo.jpg --classes "sky; cloud, road, car, tree" --out out/
+  corrclip segment img/*.jpg --preset voc21 --out out/
+  corrclip segment photo.jpg --preset ade20k --masks photo_regions.png --out out/
+  corrclip segment examples/example.jpg --preset voc21 --backbone vit_b --weights random --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+RANDOM_WARNING = (
+    "WARNING: running with RANDOM weights. They exercise the whole pipeline and its timing, but the\n"
+    "         label maps mean nothing. Use --weights official (or local files) for real results."
+)
+
+
+def _segment_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment", help="segment images with any class names",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Segment images with open-vocabulary class names (CorrCLIP).\n\n"
+            "Per image, writes into --out:\n"
+            "  NAME_labels.png   palette PNG, pixel value = class index (order of --classes)\n"
+            "  NAME_overlay.png  the image with class colours and a legend\n"
+            "  NAME.json         classes, pixel share per class, per-stage times\n\n"
+            "Classes: commas separate classes, semicolons separate synonyms of one class; a\n"
+            "class's score is the best of its names. The first class doubles as 'background'\n"
+            "when --prob-thd is set: pixels whose best probability is lower get class 0."),
+        epilog=(
+            "examples:\n"
+            "  corrclip segment photo.jpg --classes 'sky; cloud, road, car, tree' --out out/\n"
+            "  corrclip segment a.jpg b.jpg --preset voc21 --out out/\n"
+            "  corrclip segment a.jpg --classes 'cat, dog' --masks a_regions.png --sam none --out out/\n"
+            "  corrclip segment a.jpg --preset voc21 --backbone tiny --out out/   # seconds, random weights"))
+    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP, ...)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--classes", help="class names, e.g. 'sky; cloud, road, car' or @file.txt (one class per line)")
+    what.add_argument("--preset", help="a benchmark's classes and settings: voc21, voc20, context60, context59, "
+                      "coco_object, coco_stuff, city_scapes, ade20k")
+    p.add_argument("--masks", nargs="+", type=Path, help="region label maps (PNG/NPZ 'instance_mask'/NPY), one per "
+                   "image or a folder with NAME.png/.npz; skips SAM for those images")
+    p.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
+                   help="model sizes (default vit_b: MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM ViT-B)")
+    p.add_argument("--weights", choices=["official", "random"], default=None,
+                   help="official checkpoints (downloaded once) or seeded random weights "
+                        "(default: official; random for --backbone tiny)")
+    p.add_argument("--clip-weights", help="open_clip tag (e.g. metaclip_fullcc, openai), ARCH:TAG, or a local file")
+    p.add_argument("--dino-weights", help="local DINO checkpoint (e.g. dino_vitbase8_pretrain.pth)")
+    p.add_argument("--sam-weights", help="local SAM checkpoint (e.g. sam_vit_b_01ec64.pth)")
+    p.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h", "tiny", "none"],
+                   help="SAM model for region masks (default: the backbone's; none = --masks required)")
+    p.add_argument("--points-per-side", type=int, default=None, help="SAM prompt grid (default 32; 8 is ~4x faster)")
+    p.add_argument("--prob-thd", type=float, default=None, help="probability below which a pixel becomes class 0")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="corrclip", description="Training-free open-vocabulary semantic segmentation (CorrCLIP engine).")
+    parser.add_argument("--version", action="version", version=f"corrclip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _segment_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _segment(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .api import Segmenter
+    from .models.checkpoints import WeightsError
+    from .presets import dataset_settings
+    from .runtime.image_io import ImageError, decode_image, load_label_map
+    from .runtime.visualize import make_palette, overlay, save_label_png, summary
+    from .vocab import VocabularyError, benchmark_vocabulary, load_classes_file, parse_classes
+
+    try:
+        if args.preset:
+            vocab = benchmark_vocabulary(args.preset)
+            settings = dataset_settings(args.preset, prob_thd=args.prob_thd)
+        else:
+            vocab = load_classes_file(args.classes[1:]) if args.classes.startswith("@") else parse_classes(args.classes)
+            settings = dataset_settings("voc20", prob_thd=args.prob_thd)  # the plain mmseg defaults
+    except (VocabularyError, ValueError, OSError) as e:
+        return _fail(str(e))
+    masks = _mask_paths(args)
+    if isinstance(masks, str):
+        return _fail(masks)
+    weights = args.weights or ("random" if args.backbone == "tiny" else "official")
+    if weights == "random":
+        print(RANDOM_WARNING, file=sys.stderr)
+    amg = None
+    if args.points_per_side:
+        from .runtime.amg import AmgSettings
+
+        amg = AmgSettings(points_per_side=args.points_per_side)
+    all_masked = all(m is not None for m in masks)
+    try:
+        seg = Segmenter(args.backbone, weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
+                        sam_weights=args.sam_weights, sam="none" if all_masked and not args.sam else args.sam,
+                        amg=amg, device=args.device)
+    except WeightsError as e:
+        return _fail(str(e))
+    args.out.mkdir(parents=True, exist_ok=True)
+    palette = make_palette(max(256, vocab.num_classes))
+    failures: list[str] = []
+    totals: dict[str, float] = {}
+    for path, mask_path in tqdm(list(zip(args.images, masks)), desc="segment", unit="img", disable=len(masks) < 2):
+        try:
+            image = decode_image(path)
+            label_map = load_label_map(mask_path, image.shape[:2]) if mask_path else None
+            if label_map is None and seg.pipeline.mask_generator is None:
+                raise ImageError(f"{path}: no region masks; pass --masks or drop --sam none")
+            result = seg.pipeline([image], vocab, settings, [label_map])[0]
+        except (ImageError, ValueError, OSError) as e:
+            failures.append(f"{path}: {e}")
+            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            continue
+        stem = path.stem
+        save_label_png(args.out / f"{stem}_labels.png", result.labels, palette)
+        overlay(image, result.labels, result.names, palette).save(args.out / f"{stem}_overlay.png")
+        info = summary(result.names, result.labels, result.timings,
+                       {"file": str(path), "backbone": args.backbone, "weights": seg.identity,
+                        "random_weights": weights == "random", "settings": settings.__dict__})
+        (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
+        for k, v in result.timings.items():
+            totals[k] = totals.get(k, 0.0) + v
+        tqdm.write(_time_line(path, result.timings))
+    done = len(masks) - len(failures)
+    if done:
+        print(f"wrote {done} result(s) to {args.out}/ ; mean per image:")
+        for k, v in totals.items():
+            print(f"  {k:<26} {1000 * v / done:9.1f} ms")
+    if failures:
+        print(f"{len(failures)} of {len(masks)} image(s) failed:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _time_line(path: Path, timings: dict[str, float]) -> str:
+    main = {k: v for k, v in timings.items() if "." not in k}
+    parts = " ".join(f"{k}={1000 * v:.0f}ms" for k, v in main.items())
+    return f"{path.name}: total={1000 * sum(main.values()):.0f}ms {parts}"
+
+
+def _mask_paths(args: argparse.Namespace) -> list[Path | None] | str:
+    if not args.masks:
+        return [None] * len(args.images)
+    if len(args.masks) == 1 and args.masks[0].is_dir():
+        folder = args.masks[0]
+        out: list[Path | None] = []
+        for img in args.images:
+            found = [p for ext in (".png", ".npz", ".npy") if (p := folder / f"{img.stem}{ext}").is_file()]
+            out.append(found[0] if found else None)
+        return out
+    if len(args.masks) != len(args.images):
+        return f"got {len(args.masks)} --masks for {len(args.images)} images: give one per image, or a folder"
+    return list(args.masks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
