@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from corrclip.kernels.vote import classify, vote
 from corrclip.runtime.preprocess import Window, sliding_windows
-from corrclip.runtime.stitch import stitch
+from corrclip.kernels.stitch import stitch
 
 
 def test_classify_matches_loops():

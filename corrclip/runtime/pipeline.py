@@ -22,7 +22,7 @@ from ..presets import Settings
 from ..vocab import Vocabulary
 from .preprocess import Window, cut_window, normalize, resize_image, resize_nearest, sliding_windows
 from .regions import compact_label_map, window_regions
-from .stitch import stitch
+from ..kernels.stitch import stitch
 from .timing import StageTimer
 
 STAGES = ("masks", "preprocess", "text", "dino", "regions", "clip_trunk", "corr_head", "stitch_vote")

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .preprocess import Window
 
-
-def stitch(window_logits: torch.Tensor, windows: Sequence[Window], input_size: tuple[int, int],
+def stitch(window_logits: torch.Tensor, windows: Sequence, input_size: tuple[int, int],
            output_size: tuple[int, int]) -> torch.Tensor:
-    """window_logits [B, Q, H, W] (DINO grid) for one image's windows -> [Q, H0, W0]."""
+    """window_logits [B, Q, H, W] (DINO grid) for one image's windows -> [Q, H0, W0].
+
+    `windows` are runtime.preprocess.Window-like: y1, y2, x1, x2, pad (l, r, t, b), padded_size.
+    """
     q = window_logits.shape[1]
     canvas = window_logits.new_zeros(q, *input_size)
     count = window_logits.new_zeros(1, *input_size)
