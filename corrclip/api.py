@@ -16,10 +16,10 @@ import open_clip
 import torch
 
 from . import presets
-from .models.checkpoints import WeightsError
-from .models.clip import ClipText, ClipTrunk, build_clip
+from .models.build import build_models
+from .models.clip import ClipText, ClipTrunk
 from .models.corr_head import CorrHead
-from .models.dino import DinoFeatures, build_dino
+from .models.dino import DinoFeatures
 from .runtime.image_io import decode_image
 from .runtime.pipeline import CorrClipPipeline, Segmentation
 from .runtime.text import TextEmbedder
@@ -30,24 +30,6 @@ ImageLike = str | os.PathLike | bytes | np.ndarray
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_clip(bb: presets.Backbone, weights: str, clip_weights: str | None) -> tuple[str, str]:
-    """(open_clip architecture, weights) from the backbone preset and the user's flags.
-
-    clip_weights may be an open_clip tag for the preset's architecture, "openai" (switches to the
-    OpenAI-trained architecture of the same size), "ARCH:TAG", or a local file.
-    """
-    if clip_weights is None:
-        return bb.clip_arch, bb.clip_weights if weights == "official" else weights
-    if clip_weights == "openai":
-        if bb.name not in presets.OPENAI_ARCH:
-            raise WeightsError(f"no OpenAI CLIP for backbone {bb.name}; OpenAI weights exist for vit_b and vit_l")
-        return presets.OPENAI_ARCH[bb.name], "openai"
-    if ":" in clip_weights and not os.path.exists(clip_weights):
-        arch, tag = clip_weights.split(":", 1)
-        return arch, tag
-    return bb.clip_arch, clip_weights
 
 
 def as_vocabulary(classes: str | Sequence[str] | Vocabulary) -> Vocabulary:
@@ -70,29 +52,20 @@ class Segmenter:
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
                  amg=None, device: str | torch.device | None = None, max_windows: int = 8):
-        bb = presets.backbone(backbone)
-        weights = weights or ("random" if backbone == "tiny" else "official")
-        if weights not in ("official", "random"):
-            raise WeightsError(f"--weights must be 'official' or 'random', not {weights!r}; "
-                               "use --clip-weights/--dino-weights/--sam-weights for local files")
         self.device = torch.device(device) if device is not None else default_device()
-        self.backbone = bb
-        clip_arch, clip_w = resolve_clip(bb, weights, clip_weights)
-        clip = build_clip(clip_arch, clip_w, device=self.device)
-        dino = build_dino(bb.dino, dino_weights or weights, device=self.device)
-        self.identity = {"backbone": bb.name, "clip": f"{clip_arch}:{clip_w}", "dino": f"{bb.dino}:{dino_weights or weights}"}
+        models = build_models(backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
+                              sam_weights=sam_weights, sam=sam, device=self.device)
+        self.backbone, self.identity = models.backbone, models.identity
+        clip, clip_arch = models.clip, models.clip_arch
         masks = None
-        sam = sam or bb.sam
-        if sam != "none":
-            from .models.sam import build_sam
+        if models.sam is not None:
             from .runtime.amg import AmgSettings, MaskGenerator
 
-            masks = MaskGenerator(build_sam(sam, sam_weights or weights, device=self.device), amg or AmgSettings())
-            self.identity["sam"] = f"{sam}:{sam_weights or weights}"
+            masks = MaskGenerator(models.sam, amg or AmgSettings())
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if clip_arch == "tiny" else clip_arch)
         text = TextEmbedder(ClipText(clip), tokenizer, self.device)
         self.pipeline = CorrClipPipeline(
-            DinoFeatures(dino), ClipTrunk(clip.visual), CorrHead(clip.visual), text,
+            DinoFeatures(models.dino), ClipTrunk(clip.visual), CorrHead(clip.visual), text,
             patch=clip.visual.conv1.kernel_size[0], mask_generator=masks, device=self.device,
             max_windows=max_windows)
 

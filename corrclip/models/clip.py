@@ -99,11 +99,15 @@ class ClipText(nn.Module):
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.token_embedding = clip.token_embedding
-        self.positional_embedding = clip.positional_embedding
         self.transformer = clip.transformer
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        # One spare row/column: slicing [:n] is then a strict sub-slice for every n <= 77, which
+        # keeps torch.export from specializing the dynamic length at n == 77.
+        pos = clip.positional_embedding.detach()
+        self.register_buffer("positional_embedding", torch.cat([pos, pos[-1:]]), persistent=False)
+        mask = clip.attn_mask
+        self.register_buffer("attn_mask", F.pad(mask, (0, 1, 0, 1), value=float("-inf")), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]

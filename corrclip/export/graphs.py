@@ -1,0 +1,108 @@
+"""The graphs of an engine bundle: which torch module, its inputs and outputs, its dynamic axes,
+and fresh random inputs at two shapes per dynamic axis for the parity check.
+
+Window size is static per bundle (positional embeddings are interpolated for it at export time);
+batch B, regions R, classes/queries Q, prompts P and text length L are dynamic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.build import Models
+from ..models.clip import ClipText, ClipTrunk
+from ..models.corr_head import CorrHead
+from ..models.dino import DinoFeatures
+
+# Upper bounds of the dynamic axes (torch.export needs ranges; TensorRT profiles use them too).
+AXIS_MAX = {"B": 64, "R": 1024, "Q": 4096, "P": 4096, "L": 77}
+
+
+@dataclass
+class Graph:
+    name: str
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, dict[int, str]]  # input name -> {axis: symbol}
+    make_inputs: Callable[[dict[str, int], torch.Generator], tuple[torch.Tensor, ...]]
+    sizes: tuple[dict[str, int], dict[str, int]]  # two assignments of the symbols, for export and parity
+
+
+def corrclip_graphs(models: Models, crop: int) -> list[Graph]:
+    clip, dino = models.clip, models.dino
+    visual = clip.visual
+    patch = visual.conv1.kernel_size[0]
+    width = visual.conv1.out_channels
+    dino_dim = dino.embed_dim
+    embed = visual.proj.shape[1]
+    hh = crop // 8
+    gh = crop // patch
+
+    def windows(s, g):
+        return (torch.randn(s["B"], 3, crop, crop, generator=g),)
+
+    def trunk_inputs(s, g):
+        ids = torch.randint(0, s["R"], (s["B"], gh * gh), generator=g)
+        regions = torch.zeros(s["B"], s["R"], gh * gh, dtype=torch.bool)
+        regions.scatter_(1, ids[:, None], True)
+        return torch.randn(s["B"], 3, crop, crop, generator=g), regions
+
+    def head_inputs(s, g):
+        b, r, q = s["B"], s["R"], s["Q"]
+        return (F.normalize(torch.randn(b, hh * hh, dino_dim, generator=g), dim=-1),
+                torch.randint(-1, r, (b, hh, hh), generator=g),
+                torch.randn(b, 2, width, gh, gh, generator=g),
+                torch.randn(b, r, width, generator=g),
+                torch.randint(0, r, (b, hh, hh), generator=g),
+                F.normalize(torch.randn(q, embed, generator=g), dim=-1))
+
+    def text_inputs(s, g):
+        tokens = torch.randint(1, 40000, (s["Q"], s["L"]), generator=g)
+        tokens[:, -1] = 49407  # end of text: the largest id, where the tower pools
+        return (tokens,)
+
+    b_only = ({"B": 2}, {"B": 1})
+    graphs = [
+        Graph("dino", DinoFeatures(dino), ["windows"], ["feats"], {"windows": {0: "B"}}, windows, b_only),
+        Graph("clip_trunk", ClipTrunk(visual), ["windows", "regions"], ["values", "mct"],
+              {"windows": {0: "B"}, "regions": {0: "B", 1: "R"}}, trunk_inputs,
+              ({"B": 2, "R": 5}, {"B": 1, "R": 9})),
+        Graph("corr_head", CorrHead(visual), ["feats", "region_ids", "values", "mct", "mct_index", "text"],
+              ["logits"], {"feats": {0: "B"}, "region_ids": {0: "B"}, "values": {0: "B"}, "mct": {0: "B", 1: "R"},
+                           "mct_index": {0: "B"}, "text": {0: "Q"}},
+              head_inputs, ({"B": 2, "R": 5, "Q": 7}, {"B": 1, "R": 9, "Q": 3})),
+        Graph("clip_text", ClipText(clip), ["tokens"], ["embeddings"], {"tokens": {0: "Q", 1: "L"}}, text_inputs,
+              ({"Q": 6, "L": 20}, {"Q": 3, "L": 77})),
+    ]
+    if models.sam is not None:
+        graphs += sam_graphs(models.sam)
+    return [g.__class__(**{**g.__dict__, "module": g.module.eval()}) for g in graphs]
+
+
+def sam_graphs(sam: nn.Module) -> list[Graph]:
+    from ..models.sam import SamDecoder, SamEncoder
+
+    size = sam.image_encoder.img_size
+    chans = sam.prompt_encoder.embed_dim
+    grid = sam.prompt_encoder.image_embedding_size
+
+    def image(s, g):
+        return (torch.randn(1, 3, size, size, generator=g),)
+
+    def prompts(s, g):
+        return (torch.randn(1, chans, *grid, generator=g),
+                torch.rand(s["P"], 1, 2, generator=g) * size,
+                torch.ones(s["P"], 1, dtype=torch.int32))
+
+    return [
+        Graph("sam_encoder", SamEncoder(sam), ["image"], ["embeddings"], {}, image, ({}, {})),
+        Graph("sam_decoder", SamDecoder(sam), ["embeddings", "point_coords", "point_labels"],
+              ["low_res_logits", "iou_predictions"], {"point_coords": {0: "P"}, "point_labels": {0: "P"}},
+              prompts, ({"P": 16}, {"P": 5})),
+    ]
