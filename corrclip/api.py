@@ -51,8 +51,13 @@ class Segmenter:
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
-                 amg=None, device: str | torch.device | None = None, max_windows: int = 8):
+                 amg=None, device: str | torch.device | None = None, max_windows: int = 8,
+                 engine: str | os.PathLike | None = None, backend: str = "onnxruntime"):
         self.device = torch.device(device) if device is not None else default_device()
+        self.bundle = None
+        if engine is not None:
+            self._init_from_bundle(engine, backend, amg, max_windows)
+            return
         models = build_models(backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
                               sam_weights=sam_weights, sam=sam, device=self.device)
         self.backbone, self.identity = models.backbone, models.identity
@@ -68,6 +73,28 @@ class Segmenter:
             DinoFeatures(models.dino), ClipTrunk(clip.visual), CorrHead(clip.visual), text,
             patch=clip.visual.conv1.kernel_size[0], mask_generator=masks, device=self.device,
             max_windows=max_windows)
+
+    def _init_from_bundle(self, path, backend: str, amg, max_windows: int) -> None:
+        """Runs the exported graphs (no model code in the loop): ONNX Runtime, AOTInductor or TensorRT."""
+        from .engine.bundle import load_bundle
+        from .engine.executors import make_executor
+
+        bundle = self.bundle = load_bundle(path)
+        mf = bundle.manifest
+        self.backbone, self.identity = presets.backbone(mf["backbone"]), dict(mf["weights"])
+        run = {name: make_executor(bundle, name, backend, self.device) for name in bundle.graphs}
+        masks = None
+        if "sam_encoder" in run:
+            from .runtime.amg import AmgSettings, MaskGenerator
+
+            masks = MaskGenerator(_SamShell(mf["sam"], self.device), amg or AmgSettings())
+            masks.encoder, masks.decoder = (lambda x: run["sam_encoder"](x)[0]), run["sam_decoder"]
+        text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
+                            self.device)
+        self.pipeline = CorrClipPipeline(
+            lambda w: run["dino"](w)[0], run["clip_trunk"], lambda *a: run["corr_head"](*a)[0], text,
+            patch=mf["clip"]["patch"], mask_generator=masks, device=self.device, max_windows=max_windows,
+            window=mf["window"]["crop"])
 
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Sequence[str] | Vocabulary | None = None,
                 *, preset: str | None = None, masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
@@ -90,3 +117,26 @@ class Segmenter:
         if masks is not None and len(masks) != len(decoded):
             raise ValueError(f"got {len(masks)} label maps for {len(decoded)} images")
         return self.pipeline(decoded, vocab, settings, masks, return_probs=return_probs)
+
+
+class _SamShell(torch.nn.Module):
+    """What the mask generator reads from a segment_anything Sam (device, input size, the
+    normalize-and-pad step) when the encoder and decoder are exported graphs instead."""
+
+    def __init__(self, info: dict, device: torch.device):
+        super().__init__()
+        import types
+
+        self.image_encoder = types.SimpleNamespace(img_size=info["img_size"])
+        self.prompt_encoder = self.mask_decoder = None
+        self.register_buffer("pixel_mean", torch.tensor(info["pixel_mean"], device=device).view(-1, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(info["pixel_std"], device=device).view(-1, 1, 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.pixel_mean) / self.pixel_std
+        size = self.image_encoder.img_size
+        return torch.nn.functional.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))

@@ -74,7 +74,8 @@ class AotiExecutor:
         self.runner = aoti_load_package(str(path))
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.runner(*[a.to(self.device) for a in args])
+        # Compiled kernels assume the example's (contiguous) strides: a sliced view would be misread.
+        out = self.runner(*[a.to(self.device).contiguous() for a in args])
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)  # one output comes back bare
 
 

@@ -211,7 +211,7 @@ def print_table(manifest: dict) -> None:
 
 
 def _cast(t: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    return tuple(x.to(dtype) if x.is_floating_point() else x for x in t)
+    return tuple(x.to(dtype) if x.dtype == torch.float32 else x for x in t)
 
 
 def _to(t: tuple[torch.Tensor, ...], device: str) -> tuple[torch.Tensor, ...]:

@@ -97,7 +97,9 @@ def sam_graphs(sam: nn.Module) -> list[Graph]:
 
     def prompts(s, g):
         return (torch.randn(1, chans, *grid, generator=g),
-                torch.rand(s["P"], 1, 2, generator=g) * size,
+                # float64 like segment_anything's own points: it adds the 0.5 pixel shift in float64,
+                # and rounding to float32 first changes some masks.
+                torch.rand(s["P"], 1, 2, generator=g, dtype=torch.float64) * size,
                 torch.ones(s["P"], 1, dtype=torch.int32))
 
     return [

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..kernels.stitch import stitch
 from ..kernels.vote import classify, vote
 from ..presets import Settings
 from ..vocab import Vocabulary
 from .preprocess import Window, cut_window, normalize, resize_image, resize_nearest, sliding_windows
 from .regions import compact_label_map, window_regions
-from ..kernels.stitch import stitch
 from .timing import StageTimer
 
 STAGES = ("masks", "preprocess", "text", "dino", "regions", "clip_trunk", "corr_head", "stitch_vote")
@@ -50,13 +50,14 @@ class _Image:
 class CorrClipPipeline:
     def __init__(self, dino: Callable, trunk: Callable, head: Callable, text: Callable[[Vocabulary], torch.Tensor],
                  patch: int, mask_generator=None, device: torch.device | str = "cpu", max_windows: int = 8,
-                 merge: Callable | None = None):
+                 merge: Callable | None = None, window: int | None = None):
         self.dino, self.trunk, self.head, self.text = dino, trunk, head, text
         self.patch = patch  # CLIP patch size
         self.mask_generator = mask_generator
         self.device = torch.device(device)
         self.max_windows = max_windows
         self.merge_kw = {} if merge is None else {"merge": merge}
+        self.window = window  # exported graphs are built for one window size
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray], vocab: Vocabulary, settings: Settings,
@@ -112,6 +113,11 @@ class CorrClipPipeline:
             by_shape[tuple(items[i].crops[j].shape[-2:])].append((i, j))
         out: dict[tuple[int, int], torch.Tensor] = {}
         for (h, w), group in by_shape.items():
+            if self.window is not None and (h, w) != (self.window, self.window):
+                raise ValueError(
+                    f"this engine bundle was exported for {self.window}x{self.window} windows, but this image gives "
+                    f"{h}x{w} windows (crop {s.crop}, or an aspect ratio above ~6 that pads windows); use the "
+                    f"torch backend, or re-export with --crop {s.crop}")
             dino_grid, clip_grid = (h // 8, w // 8), (h // self.patch, w // self.patch)
             for start in range(0, len(group), self.max_windows):
                 chunk = group[start:start + self.max_windows]

@@ -1,0 +1,152 @@
+"""corrclip-export on the tiny preset: the bundle, its validation, atomicity, and the runtime running
+from it (ONNX Runtime and AOTInductor) against the torch reference."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from corrclip.api import Segmenter
+from corrclip.engine.bundle import BundleError, load_bundle
+from corrclip.engine.executors import make_executor
+from corrclip.export import cli as export_cli
+from corrclip.runtime.image_io import decode_image
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    rc = export_cli.main(["--backbone", "tiny", "--format", "onnx,aoti", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_manifest(bundle):
+    mf = json.loads((bundle / "manifest.json").read_text())
+    assert mf["schema_version"] == 1 and mf["method"] == "corrclip" and mf["backbone"] == "tiny"
+    assert set(mf["graphs"]) == {"dino", "clip_trunk", "corr_head", "clip_text", "sam_encoder", "sam_decoder"}
+    head = mf["graphs"]["corr_head"]
+    assert head["dynamic_axes"]["mct"] == {"0": "B", "1": "R"} and head["dynamic_axes"]["text"] == {"0": "Q"}
+    assert [i["name"] for i in head["inputs"]] == ["feats", "region_ids", "values", "mct", "mct_index", "text"]
+    for g in mf["graphs"].values():
+        checks = {k: v for k, v in g["parity"].items() if isinstance(v, dict)}
+        assert len(checks) >= 2 and all(v["max_rel"] <= g["parity"]["tolerance"] for v in checks.values())
+        assert {f["format"] for f in g["files"]} == {"onnx", "aoti-cpu"}
+    assert mf["preprocessing"]["pixel_mean"] == [122.771, 116.746, 104.094]
+    assert mf["versions"]["torch"] == torch.__version__
+
+
+def test_refuses_corrupted_or_foreign_bundles(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    load_bundle(copy)
+    (copy / "dino.onnx").write_bytes((copy / "dino.onnx").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+    mf = json.loads((bundle / "manifest.json").read_text())
+    mf["schema_version"] = 999
+    shutil.copytree(bundle, tmp_path / "other")
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="re-export"):
+        load_bundle(tmp_path / "other")
+    with pytest.raises(BundleError, match="corrclip-export"):
+        load_bundle(tmp_path)
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def boom(graph, *a, **k):
+        raise export_cli.ParityError(f"graph {graph.name} differs (simulated)")
+
+    monkeypatch.setattr(export_cli, "check_parity", boom)
+    out = tmp_path / "b"
+    assert export_cli.main(["--backbone", "tiny", "--sam", "none", "--out", str(out)]) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_bundle_is_not_overwritten_silently(bundle, capsys):
+    assert export_cli.main(["--backbone", "tiny", "--out", str(bundle)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def _inputs():
+    img = decode_image("examples/example.jpg")
+    rng = np.random.default_rng(0)
+    lm = np.zeros(img.shape[:2], np.int64)
+    for k in range(1, 15):
+        y, x = rng.integers(0, img.shape[0] - 40), rng.integers(0, img.shape[1] - 40)
+        lm[y: y + rng.integers(10, 120), x: x + rng.integers(10, 160)] = k
+    return img, lm
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_runtime_from_bundle_matches_torch(bundle, backend):
+    img, lm = _inputs()
+    ref = Segmenter("tiny", device="cpu").segment(img, preset="voc21", masks=lm, return_probs=True)[0]
+    eng = Segmenter(engine=bundle, backend=backend, device="cpu")
+    out = eng.segment(img, preset="voc21", masks=lm, return_probs=True)[0]
+    assert (out.labels == ref.labels).mean() >= 0.999
+    np.testing.assert_allclose(out.probs, ref.probs, atol=2e-4)
+    # SAM from the bundle too: same label maps as the torch mask generator.
+    from corrclip.runtime.amg import AmgSettings
+
+    loose = AmgSettings(points_per_side=4, pred_iou_thresh=-10, stability_score_thresh=-10)
+    ref_masks = Segmenter("tiny", device="cpu", amg=loose).pipeline.mask_generator.label_map(img)
+    eng = Segmenter(engine=bundle, backend=backend, device="cpu", amg=loose)
+    eng_masks = eng.pipeline.mask_generator.label_map(img)
+    assert ref_masks.max() > 0 and (eng_masks == ref_masks).mean() >= 0.999
+
+
+def test_head_logits_within_1e4(bundle):
+    """The fp32 logits of the exported head agree with torch within 1e-4 on fresh inputs."""
+    from corrclip.export.graphs import corrclip_graphs
+    from corrclip.models.build import build_models
+
+    graphs = {g.name: g for g in corrclip_graphs(build_models("tiny", sam="none"), 336)}
+    head = graphs["corr_head"]
+    inputs = head.make_inputs({"B": 3, "R": 11, "Q": 21}, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = head.module(*inputs)
+    for backend in ("onnxruntime", "aoti"):
+        (out,) = make_executor(load_bundle(bundle), "corr_head", backend)(*inputs)
+        assert float((out - ref).abs().max()) < 1e-4
+
+
+def test_bundle_refuses_other_window_sizes(bundle):
+    img, lm = _inputs()
+    eng = Segmenter(engine=bundle, device="cpu")
+    with pytest.raises(ValueError, match="re-export with --crop 224"):
+        eng.segment(img, preset="city_scapes", masks=lm)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cpp_host_runs_aoti_package(bundle, tmp_path):
+    """examples/cpp/run_aoti loads an exported package and gives Python's numbers."""
+    import os
+    import subprocess
+    import sys
+
+    from corrclip.engine.tensorfile import load_tensors, save_tensors
+
+    exe = tmp_path / "run_aoti"
+    env = {**os.environ, "OUT": str(exe), "PYTHON": sys.executable}
+    subprocess.run(["bash", "examples/cpp/build.sh"], check=True, env=env, capture_output=True)
+    windows = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(3))
+    save_tensors(tmp_path / "in.cct", [windows])
+    pkg = load_bundle(bundle).graph_file("dino", "aoti-cpu")
+    subprocess.run([str(exe), str(pkg), str(tmp_path / "in.cct"), str(tmp_path / "out.cct")], check=True,
+                   capture_output=True)
+    (cpp,) = load_tensors(tmp_path / "out.cct")
+    (py,) = make_executor(load_bundle(bundle), "dino", "aoti")(windows)
+    assert cpp.shape == py.shape == (2, 42 * 42, 64)
+    torch.testing.assert_close(cpp, py, atol=1e-6, rtol=1e-6)
+
+
+def test_tensor_file_round_trip(tmp_path):
+    from corrclip.engine.tensorfile import load_tensors, save_tensors
+
+    ts = [torch.randn(2, 3), torch.arange(5), torch.tensor([True, False]), torch.randn(1, 2).half()]
+    save_tensors(tmp_path / "t.cct", ts)
+    for a, b in zip(ts, load_tensors(tmp_path / "t.cct")):
+        assert a.dtype == b.dtype and torch.equal(a, b)
