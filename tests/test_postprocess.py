@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from corrclip.kernels.stitch import stitch
 from corrclip.kernels.vote import classify, vote
 from corrclip.runtime.preprocess import Window, sliding_windows
-from corrclip.kernels.stitch import stitch
 
 
 def test_classify_matches_loops():
