@@ -82,7 +82,12 @@ class Segmenter:
         bundle = self.bundle = load_bundle(path)
         mf = bundle.manifest
         self.backbone, self.identity = presets.backbone(mf["backbone"]), dict(mf["weights"])
-        run = {name: make_executor(bundle, name, backend, self.device) for name in bundle.graphs}
+        run = {}
+        for name, graph in bundle.graphs.items():
+            # TensorRT has no float64: SAM's decoder (float64 points, for fidelity) runs on ONNX Runtime.
+            float64 = any(i["dtype"] == "float64" for i in graph["inputs"])
+            run[name] = make_executor(bundle, name, "onnxruntime" if backend == "tensorrt" and float64 else backend,
+                                      self.device)
         masks = None
         if "sam_encoder" in run:
             from .runtime.amg import AmgSettings, MaskGenerator

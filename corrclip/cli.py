@@ -60,6 +60,10 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
                    help="SAM model for region masks (default: the backbone's; none = --masks required)")
     p.add_argument("--points-per-side", type=int, default=None, help="SAM prompt grid (default 32; 8 is ~4x faster)")
     p.add_argument("--prob-thd", type=float, default=None, help="probability below which a pixel becomes class 0")
+    p.add_argument("--engine", type=Path, help="run an engine bundle from corrclip-export instead of the torch "
+                   "models (--backbone and the weight flags are then taken from the bundle)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "aoti", "tensorrt"],
+                   help="how to run --engine's graphs (default onnxruntime)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
 
@@ -87,6 +91,7 @@ def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .api import Segmenter
+    from .engine.bundle import BundleError
     from .models.checkpoints import WeightsError
     from .presets import dataset_settings
     from .runtime.image_io import ImageError, decode_image, load_label_map
@@ -106,7 +111,7 @@ def _segment(args: argparse.Namespace) -> int:
     if isinstance(masks, str):
         return _fail(masks)
     weights = args.weights or ("random" if args.backbone == "tiny" else "official")
-    if weights == "random":
+    if args.engine is None and weights == "random":
         print(RANDOM_WARNING, file=sys.stderr)
     amg = None
     if args.points_per_side:
@@ -115,10 +120,16 @@ def _segment(args: argparse.Namespace) -> int:
         amg = AmgSettings(points_per_side=args.points_per_side)
     all_masked = all(m is not None for m in masks)
     try:
-        seg = Segmenter(args.backbone, weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
-                        sam_weights=args.sam_weights, sam="none" if all_masked and not args.sam else args.sam,
-                        amg=amg, device=args.device)
-    except WeightsError as e:
+        if args.engine is not None:
+            seg = Segmenter(engine=args.engine, backend=args.backend, amg=amg, device=args.device)
+            weights = "random" if "random" in json.dumps(seg.identity) else "official"
+            if weights == "random":
+                print(RANDOM_WARNING, file=sys.stderr)
+        else:
+            seg = Segmenter(args.backbone, weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
+                            sam_weights=args.sam_weights, sam="none" if all_masked and not args.sam else args.sam,
+                            amg=amg, device=args.device)
+    except (WeightsError, BundleError) as e:
         return _fail(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     palette = make_palette(max(256, vocab.num_classes))
@@ -139,7 +150,8 @@ def _segment(args: argparse.Namespace) -> int:
         save_label_png(args.out / f"{stem}_labels.png", result.labels, palette)
         overlay(image, result.labels, result.names, palette).save(args.out / f"{stem}_overlay.png")
         info = summary(result.names, result.labels, result.timings,
-                       {"file": str(path), "backbone": args.backbone, "weights": seg.identity,
+                       {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
+                        "engine": str(args.engine) if args.engine else None,
                         "random_weights": weights == "random", "settings": settings.__dict__})
         (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
         for k, v in result.timings.items():

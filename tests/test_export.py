@@ -150,3 +150,30 @@ def test_tensor_file_round_trip(tmp_path):
     save_tensors(tmp_path / "t.cct", ts)
     for a, b in zip(ts, load_tensors(tmp_path / "t.cct")):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_segment_cli_with_engine(bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from corrclip.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(img)
+    lm = tmp_path / "a.npz"
+    np.savez(lm, instance_mask=(np.arange(60 * 80).reshape(60, 80) // 1200).astype(np.int32))
+    rc = main(["segment", str(img), "--classes", "a, b", "--masks", str(lm), "--engine", str(bundle),
+               "--out", str(tmp_path / "out")])
+    assert rc == 0 and (tmp_path / "out" / "a_labels.png").is_file()
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert main(["segment", str(img), "--classes", "a", "--engine", str(tmp_path), "--out", str(tmp_path)]) == 2
+
+
+def test_tensorrt_backend_is_explained_when_absent(bundle):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BundleError, match="TensorRT is not installed"):
+            make_executor(load_bundle(bundle), "dino", "tensorrt", "cpu")
+    else:  # pragma: no cover - only where TensorRT exists (never on our CI)
+        pytest.skip("TensorRT present: covered by a GPU run, not by CI")

@@ -1,0 +1,107 @@
+"""TensorRT backend: engines built from a bundle's ONNX graphs, cached per GPU and TensorRT version.
+
+UNTESTED: TensorRT cannot be installed on the machines this project is developed and tested on
+(the registry's `tensorrt` packages download from a host they cannot reach, and no GPU is there).
+This follows TensorRT 10's documented Python API (Builder / OnnxParser / optimization profiles /
+execute_async_v3 with tensor addresses); its tests skip when `tensorrt` does not import.
+
+Optimization profiles come from the manifest: every dynamic axis gets min 1, opt = the size the
+graph was exported with, max = the exporter's upper bound (export/graphs.py AXIS_MAX).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..export.graphs import AXIS_MAX
+from .bundle import Bundle, BundleError
+
+AXIS_OPT = {"B": 2, "R": 64, "Q": 256, "P": 256, "L": 20}
+
+
+def plan_cache_dir() -> Path:
+    return Path(os.environ.get("CORRCLIP_CACHE", Path.home() / ".cache" / "corrclip")) / "tensorrt"
+
+
+class TensorRTExecutor:
+    def __init__(self, bundle: Bundle, name: str, device: torch.device):
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BundleError("TensorRT is not installed: pip install tensorrt (10.x) on a machine with an NVIDIA "
+                              "GPU, or use --backend onnxruntime") from e
+        if device.type != "cuda":
+            raise BundleError("the TensorRT backend needs a CUDA device (--device cuda)")
+        self.trt, self.device = trt, device
+        graph = bundle.graphs[name]
+        if any(i["dtype"] == "float64" for i in graph["inputs"]):
+            raise BundleError(f"graph {name} takes float64 inputs, which TensorRT does not support; "
+                              "run it with onnxruntime")
+        self.inputs = [i["name"] for i in graph["inputs"]]
+        self.outputs = list(graph["outputs"])
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        plan = self._plan(bundle, name, graph)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not load the cached plan of {name}; delete {plan_cache_dir()}")
+        self.context = self.engine.create_execution_context()
+
+    def _plan(self, bundle: Bundle, name: str, graph: dict) -> bytes:
+        trt = self.trt
+        onnx_file = bundle.graph_file(name, "onnx")
+        digest = next(e["sha256"][e["file"]] for e in graph["files"] if e["format"] == "onnx")
+        gpu = torch.cuda.get_device_name(self.device).replace(" ", "_")
+        key = hashlib.sha256(f"{digest}{gpu}{trt.__version__}{graph['precision']}".encode()).hexdigest()[:16]
+        path = plan_cache_dir() / f"{name}.{gpu}.trt{trt.__version__}.{key}.plan"
+        if path.is_file():
+            return path.read_bytes()
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BundleError(f"TensorRT could not parse {onnx_file.name}: {errors}")
+        config = builder.create_builder_config()
+        if graph["precision"] == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif graph["precision"] == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        profile = builder.create_optimization_profile()
+        for inp in graph["inputs"]:
+            dims = inp["shape"]
+            lo = [1 if isinstance(d, str) else d for d in dims]
+            opt = [AXIS_OPT[d] if isinstance(d, str) else d for d in dims]
+            hi = [AXIS_MAX[d] if isinstance(d, str) else d for d in dims]
+            profile.set_shape(inp["name"], lo, opt, hi)
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise BundleError(f"TensorRT failed to build an engine for {name}; see the log above")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(plan))
+        return bytes(plan)
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        trt = self.trt
+        keep = []
+        for name, a in zip(self.inputs, args, strict=True):
+            a = a.to(self.device).contiguous()
+            keep.append(a)
+            self.context.set_input_shape(name, tuple(a.shape))
+            self.context.set_tensor_address(name, a.data_ptr())
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            types = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                     trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+            dtype = types[self.engine.get_tensor_dtype(name)]
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return tuple(outs)
