@@ -16,6 +16,7 @@ import open_clip
 import torch
 
 from . import presets
+from .kernels import choose
 from .models.build import build_models
 from .models.clip import ClipText, ClipTrunk
 from .models.corr_head import CorrHead
@@ -69,10 +70,12 @@ class Segmenter:
             masks = MaskGenerator(models.sam, amg or AmgSettings())
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if clip_arch == "tiny" else clip_arch)
         text = TextEmbedder(ClipText(clip), tokenizer, self.device)
+        head = CorrHead(clip.visual)
+        head.attention = choose("masked_correlation_attention", self.device)  # Triton on CUDA
         self.pipeline = CorrClipPipeline(
-            DinoFeatures(models.dino), ClipTrunk(clip.visual), CorrHead(clip.visual), text,
+            DinoFeatures(models.dino), ClipTrunk(clip.visual), head, text,
             patch=clip.visual.conv1.kernel_size[0], mask_generator=masks, device=self.device,
-            max_windows=max_windows)
+            max_windows=max_windows, merge=choose("merge_regions", self.device))
 
     def _init_from_bundle(self, path, backend: str, amg, max_windows: int) -> None:
         """Runs the exported graphs (no model code in the loop): ONNX Runtime, AOTInductor or TensorRT."""

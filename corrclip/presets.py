@@ -43,6 +43,7 @@ class Settings:
     stride: int = 112
     logit_scale: float = 40.0
     prob_thd: float = 0.0  # pixels whose best class probability is below this become class 0
+    area_thd: float | None = None  # SC-CLIP: drop foreground classes with a smaller share of the foreground
     merge_eps: float = 0.2  # region merging threshold on (max cosine - cosine)
 
 

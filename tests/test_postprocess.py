@@ -70,3 +70,23 @@ def test_stitch_matches_literal(size):
     out = stitch(logits, windows, size, (100, 130))
     torch.testing.assert_close(out, literal_stitch(logits, windows, size, (100, 130)))
     assert isinstance(windows[0], Window)
+
+
+def test_area_filter_matches_loops():
+    g = torch.Generator().manual_seed(5)
+    logits = 0.01 * torch.rand(4, 6, 7, generator=g)
+    logits[1] += 0.1
+    logits[3, :3] += 0.2
+    logits[2, 0, 0] += 0.3  # class 2 wins a single pixel: below 10% of the foreground
+    qc = torch.arange(4)
+    labels, probs = classify(logits, qc, 4, 40.0, 0.0, area_thd=0.1)
+    base, p = classify(logits, qc, 4, 40.0, 0.0)
+    areas = [int((base == c).sum()) for c in range(4)]
+    fg = sum(areas[1:])
+    keep = [c == 0 or areas[c] > 0.1 * fg for c in range(4)]
+    assert not keep[2]
+    for y in range(6):
+        for x in range(7):
+            scores = [float(p[c, y, x]) * keep[c] for c in range(4)]
+            assert labels[y, x] == max(range(4), key=lambda c: (scores[c], -c))
+    assert torch.all(probs[2] == 0)

@@ -15,11 +15,14 @@ import torch
 
 # kernel name -> (module, reference function, triton function or None)
 KERNELS: dict[str, tuple[str, str, str | None]] = {
-    "masked_correlation_attention": ("correlation", "masked_correlation_attention", None),
-    "merge_regions": ("merging", "merge_regions", None),
+    "masked_correlation_attention": ("correlation", "masked_correlation_attention",
+                                     "masked_correlation_attention_triton"),
+    "merge_regions": ("merging", "merge_regions", "merge_regions_triton"),
     "classify": ("vote", "classify", None),
     "vote": ("vote", "vote", None),
     "stitch": ("stitch", "stitch", None),
+    "stitch_classify_vote": ("stitch_vote", "stitch_classify_vote", "stitch_classify_vote_triton"),
+    "sam_postprocess": ("sam_post", "sam_postprocess", "sam_postprocess_triton"),
 }
 
 _backend = "auto"

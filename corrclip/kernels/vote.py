@@ -15,12 +15,23 @@ import torch
 
 
 def classify(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,
-             prob_thd: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [Q, H, W], query_class [Q] -> (labels [H, W] long, class probabilities [C, H, W])."""
+             prob_thd: float, area_thd: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [Q, H, W], query_class [Q] -> (labels [H, W] long, class probabilities [C, H, W]).
+
+    area_thd (SC-CLIP): a foreground class survives only if its argmax area is strictly above
+    area_thd x the foreground argmax area; the others' probabilities are multiplied by 0.
+    """
     p = (logits * logit_scale).softmax(dim=0)
     index = query_class.view(-1, 1, 1).expand_as(p)
     probs = p.new_zeros((num_classes, *p.shape[1:])).scatter_reduce_(0, index, p, "amax", include_self=False)
     labels = probs.argmax(dim=0)
+    if area_thd is not None:
+        areas = torch.bincount(labels.flatten(), minlength=num_classes)
+        foreground = areas[1:].sum()
+        weak = areas <= area_thd * foreground
+        weak[0] = False  # background is never suppressed
+        probs = probs * (~weak).to(probs.dtype).view(-1, 1, 1)
+        labels = probs.argmax(dim=0)
     labels = labels.masked_fill(probs.amax(dim=0) < prob_thd, 0)
     return labels, probs
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops import batched_nms
 
+from corrclip.kernels import choose
 from corrclip.models.sam import SamDecoder, SamEncoder, sam_preprocess
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
@@ -118,7 +118,8 @@ class MaskGenerator:
         return torch.as_tensor(coords, device=self.sam.device)
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> MaskSet:
+    def _decode(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Encoder once, then the decoder over batches of points. -> low-res logits, IoUs, input size."""
         s = self.settings
         dev = self.sam.device
         h0, w0 = image.shape[:2]
@@ -127,57 +128,57 @@ class MaskGenerator:
         t1 = _sync(dev)
         emb = self.encoder(x)
         t2 = _sync(dev)
-
         points = self._points(h0, w0)
-        decode = post = 0.0
-        counts = {"masks": 0, "after_iou": 0, "after_stability": 0}
-        kept: list[tuple[torch.Tensor, ...]] = []
+        lows, ious = [], []
+        counts = {"masks": 0, "after_iou": 0}
         for start in range(0, points.shape[0], s.points_per_batch):
-            ta = time.perf_counter()
             pts = points[start : start + s.points_per_batch, None, :]
             labels = torch.ones(pts.shape[:2], dtype=torch.int32, device=dev)
             low, iou = self.decoder(emb, pts, labels)
-            tb = _sync(dev)
-            # point-major, then the 3 multimask outputs: the library's flatten order
-            low, iou = low.flatten(0, 1), iou.flatten(0, 1)
+            low, iou = low.flatten(0, 1), iou.flatten(0, 1)  # point-major: the library's flatten order
             counts["masks"] += low.shape[0]
-            if s.pred_iou_thresh > 0.0:
+            if s.pred_iou_thresh > 0.0:  # filter early to save memory; post-processing filters again
                 keep = iou > s.pred_iou_thresh
                 low, iou = low[keep], iou[keep]
+            lows.append(low)
+            ious.append(iou)
             counts["after_iou"] += low.shape[0]
-            logits = upscale_logits(low, input_size, (h0, w0), self.sam.image_encoder.img_size)
-            stability = calculate_stability_score(logits, s.mask_threshold, s.stability_score_offset)
-            if s.stability_score_thresh > 0.0:
-                keep = stability >= s.stability_score_thresh
-                logits, iou, stability = logits[keep], iou[keep], stability[keep]
-            counts["after_stability"] += logits.shape[0]
-            masks = logits > s.mask_threshold
-            # the library's boxes of an empty batch are float and would turn every box into float
-            boxes = batched_mask_to_box(masks) if len(masks) else torch.zeros(0, 4, dtype=torch.int64, device=dev)
-            kept.append((masks, iou, stability, boxes))
-            del logits
-            decode += tb - ta
-            post += _sync(dev) - tb
+        t3 = _sync(dev)
+        self.last_timings = {"preprocess": t1 - t0, "sam_encoder": t2 - t1, "prompt_decoding": t3 - t2}
+        self.last_counts = counts
+        return torch.cat(lows), torch.cat(ious), input_size
 
-        tc = time.perf_counter()
-        masks, iou, stability, boxes = (torch.cat(parts) for parts in zip(*kept, strict=True))
-        keep = batched_nms(boxes.float(), iou, torch.zeros_like(iou), iou_threshold=s.box_nms_thresh)
-        out = MaskSet(masks[keep], iou[keep], stability[keep], boxes[keep], torch.empty(0))
-        counts["after_nms"] = len(out)
-        if s.min_mask_region_area > 0:
+    def _postprocess(self, low: torch.Tensor, iou: torch.Tensor, input_size: tuple[int, int],
+                     orig_size: tuple[int, int], return_masks: bool):
+        s = self.settings
+        t0 = _sync(self.sam.device)
+        res = choose("sam_postprocess", self.sam.device)(
+            low, iou, input_size, orig_size, s.pred_iou_thresh, s.stability_score_thresh, s.stability_score_offset,
+            s.mask_threshold, s.box_nms_thresh, img_size=self.sam.image_encoder.img_size, return_masks=return_masks)
+        self.last_timings["mask_postprocess"] = _sync(self.sam.device) - t0
+        n = int(res.keep.numel())
+        self.last_counts.update(after_stability=res.num_stable, after_nms=n, final=n)
+        return res
+
+    def generate(self, image: np.ndarray) -> MaskSet:
+        low, iou, input_size = self._decode(image)
+        res = self._postprocess(low, iou, input_size, image.shape[:2], return_masks=True)
+        out = MaskSet(res.masks, res.iou_preds, res.stability, res.boxes, res.areas)
+        if self.settings.min_mask_region_area > 0:
+            t0 = _sync(self.sam.device)
+            s = self.settings
             out = _remove_small_regions(out, s.min_mask_region_area, max(s.box_nms_thresh, _CROP_NMS_THRESH))
-        out.areas = out.masks.flatten(1).sum(1)
-        post += _sync(dev) - tc
-
-        self.last_counts = {**counts, "final": len(out)}
-        self.last_timings = {
-            "preprocess": t1 - t0, "sam_encoder": t2 - t1, "prompt_decoding": decode, "mask_postprocess": post,
-        }
+            out.areas = out.masks.flatten(1).sum(1)
+            self.last_timings["mask_postprocess"] += _sync(self.sam.device) - t0
+            self.last_counts["final"] = len(out)
         return out
 
     def label_map(self, image: np.ndarray) -> np.ndarray:
-        """int32 [H0, W0]; see paint_label_map."""
-        return self.generate(image).label_map()
+        """int32 [H0, W0]; see paint_label_map. Without small-region removal no mask bitmap is kept."""
+        if self.settings.min_mask_region_area > 0:
+            return self.generate(image).label_map()
+        low, iou, input_size = self._decode(image)
+        return self._postprocess(low, iou, input_size, image.shape[:2], return_masks=False).label_map.cpu().numpy()
 
 
 def _remove_small_regions(ms: MaskSet, min_area: int, nms_thresh: float) -> MaskSet:

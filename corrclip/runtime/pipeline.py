@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..kernels import choose
 from ..kernels.stitch import stitch
 from ..kernels.vote import classify, vote
 from ..presets import Settings
 from ..vocab import Vocabulary
 from .preprocess import Window, cut_window, normalize, resize_image, resize_nearest, sliding_windows
-from .regions import compact_label_map, window_regions
+from .regions import compact_label_map
 from .timing import StageTimer
 
 STAGES = ("masks", "preprocess", "text", "dino", "regions", "clip_trunk", "corr_head", "stitch_vote")
@@ -39,24 +40,24 @@ class Segmentation:
 @dataclass
 class _Image:
     image: np.ndarray
-    regions: torch.Tensor  # [H0, W0] compact region ids, 0 = unsegmented
+    regions: torch.Tensor | None  # [H0, W0] compact region ids, 0 = unsegmented (None: no masks)
     num_regions: int
     input_size: tuple[int, int]
     windows: list[Window]
     crops: list[torch.Tensor]
-    mask_crops: list[torch.Tensor]
+    mask_crops: list[torch.Tensor] | None
 
 
-class CorrClipPipeline:
-    def __init__(self, dino: Callable, trunk: Callable, head: Callable, text: Callable[[Vocabulary], torch.Tensor],
-                 patch: int, mask_generator=None, device: torch.device | str = "cpu", max_windows: int = 8,
-                 merge: Callable | None = None, window: int | None = None):
-        self.dino, self.trunk, self.head, self.text = dino, trunk, head, text
-        self.patch = patch  # CLIP patch size
+class Pipeline:
+    """Shared by every method: region masks, resize, windows, text, batching, stitch, classify, vote."""
+
+    def __init__(self, method, text: Callable[[Vocabulary], torch.Tensor], mask_generator=None,
+                 device: torch.device | str = "cpu", max_windows: int = 8, window: int | None = None):
+        self.method = method
+        self.text = text
         self.mask_generator = mask_generator
         self.device = torch.device(device)
         self.max_windows = max_windows
-        self.merge_kw = {} if merge is None else {"merge": merge}
         self.window = window  # exported graphs are built for one window size
 
     @torch.inference_mode()
@@ -68,15 +69,27 @@ class CorrClipPipeline:
         prepared = [self._prepare(img, lm, settings, timer) for img, lm in zip(images, label_maps, strict=True)]
         with timer("text"):
             text = self.text(vocab)
-        logits = self._encode(prepared, text, settings, timer)
+        encoded = self._encode(prepared, text, settings, timer)
         results = []
         query_class = torch.tensor(vocab.query_class, device=self.device)
-        for item, window_logits in zip(prepared, logits, strict=True):
+        for item, (window_logits, window_regions) in zip(prepared, encoded, strict=True):
             with timer("stitch_vote"):
-                full = stitch(window_logits, item.windows, item.input_size, item.image.shape[:2])
-                labels, probs = classify(full, query_class, vocab.num_classes, settings.logit_scale,
-                                         settings.prob_thd)
-                labels = vote(labels, item.regions, item.num_regions, vocab.num_classes)
+                size = item.image.shape[:2]
+                regions, num_regions = item.regions, item.num_regions
+                if window_regions is not None:  # the method found its own regions (CLIPtrase)
+                    regions, num_regions = paint_window_regions(window_regions, item.windows, item.input_size, size)
+                probs = None
+                if regions is not None and settings.area_thd is None and not return_probs:
+                    # One fused pass (Triton on CUDA) that never forms Q x H0 x W0 probabilities.
+                    labels = choose("stitch_classify_vote", self.device)(
+                        window_logits, item.windows, item.input_size, size, query_class, vocab.num_classes,
+                        settings.logit_scale, settings.prob_thd, regions, num_regions)
+                else:
+                    full = stitch(window_logits, item.windows, item.input_size, size)
+                    labels, probs = classify(full, query_class, vocab.num_classes, settings.logit_scale,
+                                             settings.prob_thd, settings.area_thd)
+                    if regions is not None:
+                        labels = vote(labels, regions, num_regions, vocab.num_classes)
                 out = Segmentation(labels.cpu().numpy().astype(np.int32), list(vocab.names),
                                    probs.cpu().numpy() if return_probs else None)
             results.append(out)
@@ -85,7 +98,7 @@ class CorrClipPipeline:
         return results
 
     def _prepare(self, image: np.ndarray, label_map: np.ndarray | None, s: Settings, timer: StageTimer) -> _Image:
-        if label_map is None:
+        if label_map is None and self.method.needs_masks:
             if self.mask_generator is None:
                 raise ValueError("no region masks: pass a label map (--masks) or build the segmenter with SAM")
             with timer("masks"):
@@ -93,44 +106,79 @@ class CorrClipPipeline:
             for k, v in getattr(self.mask_generator, "last_timings", {}).items():
                 timer.seconds[f"masks.{k}"] += v
         with timer("preprocess"):
-            compact, k = compact_label_map(np.asarray(label_map))
-            regions = torch.from_numpy(compact).to(self.device)
             resized = resize_image(image, s.short_side, s.long_cap)
             x = normalize(resized, self.device)
             size = resized.shape[:2]
-            on_input = resize_nearest(regions, size)
             windows = sliding_windows(size[0], size[1], s.crop, s.stride)
             crops = [cut_window(x, w, 0.0) for w in windows]
-            mask_crops = [cut_window(on_input, w, k) for w in windows]  # pad id k: above every real id
+            regions, k, mask_crops = None, 0, None
+            if label_map is not None:
+                compact, k = compact_label_map(np.asarray(label_map))
+                regions = torch.from_numpy(compact).to(self.device)
+                on_input = resize_nearest(regions, size)
+                mask_crops = [cut_window(on_input, w, k) for w in windows]  # pad id k: above every real id
         return _Image(image, regions, k, size, windows, crops, mask_crops)
 
     def _encode(self, items: list[_Image], text: torch.Tensor, s: Settings, timer: StageTimer
-                ) -> list[torch.Tensor]:
-        """Runs every window of every image through the encoders, batched by window shape."""
-        jobs = [(i, j) for i, item in enumerate(items) for j in range(len(item.windows))]
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Runs every window of every image through the method, batched by window shape."""
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-        for i, j in jobs:
-            by_shape[tuple(items[i].crops[j].shape[-2:])].append((i, j))
-        out: dict[tuple[int, int], torch.Tensor] = {}
+        for i, item in enumerate(items):
+            for j, crop in enumerate(item.crops):
+                by_shape[tuple(crop.shape[-2:])].append((i, j))
+        logits_of: dict[tuple[int, int], torch.Tensor] = {}
+        regions_of: dict[tuple[int, int], torch.Tensor] = {}
         for (h, w), group in by_shape.items():
             if self.window is not None and (h, w) != (self.window, self.window):
                 raise ValueError(
                     f"this engine bundle was exported for {self.window}x{self.window} windows, but this image gives "
                     f"{h}x{w} windows (crop {s.crop}, or an aspect ratio above ~6 that pads windows); use the "
                     f"torch backend, or re-export with --crop {s.crop}")
-            dino_grid, clip_grid = (h // 8, w // 8), (h // self.patch, w // self.patch)
             for start in range(0, len(group), self.max_windows):
                 chunk = group[start:start + self.max_windows]
                 windows = torch.stack([items[i].crops[j] for i, j in chunk])
-                masks = torch.stack([items[i].mask_crops[j] for i, j in chunk])
-                with timer("dino"):
-                    feats = self.dino(windows)
-                with timer("regions"):
-                    reg = window_regions(masks, feats, dino_grid, clip_grid, s.merge_eps, **self.merge_kw)
-                with timer("clip_trunk"):
-                    values, mct = self.trunk(windows, reg.membership)
-                with timer("corr_head"):
-                    logits = self.head(feats, reg.region_ids, values, mct, reg.mct_index, text)
-                for (i, j), lg in zip(chunk, logits, strict=True):
-                    out[(i, j)] = lg.float()
-        return [torch.stack([out[(i, j)] for j in range(len(item.windows))]) for i, item in enumerate(items)]
+                masks = None
+                if self.method.needs_masks:
+                    masks = torch.stack([items[i].mask_crops[j] for i, j in chunk])
+                logits, regions = self.method.encode(windows, masks, text, s, timer)
+                for n, key in enumerate(chunk):
+                    logits_of[key] = logits[n].float()
+                    if regions is not None:
+                        regions_of[key] = regions[n]
+        out = []
+        for i, item in enumerate(items):
+            keys = [(i, j) for j in range(len(item.windows))]
+            regions = torch.stack([regions_of[k] for k in keys]) if regions_of else None
+            out.append((torch.stack([logits_of[k] for k in keys]), regions))
+        return out
+
+
+def paint_window_regions(regions: torch.Tensor, windows: Sequence[Window], input_size: tuple[int, int],
+                         output_size: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """Per-window region ids [B, h, w] (0..K_b-1) -> one map at the original size, ids 1.. (all voted).
+
+    Windows are painted in order, each with its own id range, later windows winning overlaps; the
+    map is then nearest-resampled to the original size (spec's 'nearest' rule).
+    """
+    canvas = torch.zeros(input_size, dtype=torch.long, device=regions.device)
+    offset = 1
+    for r, win in zip(regions, windows, strict=True):
+        left, _, top, _ = win.pad
+        r = r[top: top + win.y2 - win.y1, left: left + win.x2 - win.x1]
+        canvas[win.y1:win.y2, win.x1:win.x2] = r + offset
+        offset += int(r.max()) + 1
+    canvas, k = compact_label_map_torch(resize_nearest(canvas, output_size))
+    return canvas + 1, k + 1
+
+
+def compact_label_map_torch(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    uniq, inverse = torch.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape), len(uniq)
+
+
+# Kept for callers of the first API (CorrCLIP only).
+def CorrClipPipeline(dino, trunk, head, text, patch: int, mask_generator=None, device="cpu", max_windows: int = 8,
+                     merge=None, window: int | None = None) -> Pipeline:
+    from .methods import CorrClip
+
+    return Pipeline(CorrClip(dino, trunk, head, patch, merge), text, mask_generator, device, max_windows, window)

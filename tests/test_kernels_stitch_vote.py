@@ -1,0 +1,136 @@
+"""Fused stitch + classify + vote (Triton, interpreted on the CPU) against the torch reference and float64."""
+
+import os
+
+# Triton decides when triton.language is first imported whether kernels run under the CPU interpreter.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from corrclip.kernels import choose, set_backend  # noqa: E402
+from corrclip.kernels.stitch import stitch  # noqa: E402
+from corrclip.kernels.stitch_vote import stitch_classify_vote, stitch_classify_vote_triton  # noqa: E402
+from corrclip.kernels.vote import classify  # noqa: E402
+from corrclip.runtime.preprocess import sliding_windows  # noqa: E402
+
+# In a full test run another module may have imported Triton first (timm does), compiled: the kernels then cannot
+# run on the CPU in this process, and test_in_fresh_process runs this file again in a clean one instead.
+INTERPRETED = type(pytest.importorskip("triton.language").zeros).__name__ == "InterpretedFunction"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton was imported compiled; see test_in_fresh_process")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process runs the kernels under the interpreter itself")
+def test_in_fresh_process():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
+
+
+NEAR = 1e-5  # class probabilities closer than this may order either way in float32
+
+# name: (input size, crop, stride, output size, query classes, prob_thd, regions kind)
+CASES = {
+    "single_window": ((56, 56), 56, 56, (45, 70), [0, 1, 2, 3, 4, 5], 0.0, "mixed"),
+    "ragged_windows": ((102, 400), 100, 60, (60, 230), [0, 1, 2, 3, 4], 0.0, "mixed"),
+    "upsampled_synonyms": ((51, 200), 50, 30, (97, 331), [0, 1, 1, 2, 4, 4, 4, 5], 0.45, "mixed"),
+    "one_region": ((56, 120), 56, 32, (40, 90), [0, 1, 2, 3], 0.0, "one"),
+    "no_unsegmented": ((56, 120), 56, 32, (70, 150), [0, 0, 1, 2, 3], 0.3, "no_unsegmented"),
+    "all_unsegmented": ((56, 120), 56, 32, (70, 150), [0, 1, 2, 2, 3], 0.3, "all_unsegmented"),
+}
+
+
+def make_case(name: str, seed: int = 0):
+    (h, w), crop, stride, out, qc, thd, kind = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    windows = sliding_windows(h, w, crop, stride)
+    ph, pw = windows[0].padded_size
+    logits = 0.3 * torch.randn(len(windows), len(qc), ph // 8, pw // 8, generator=g)  # cosines x logit_scale 40
+    num_classes = max(qc) + 2  # the last class has no query: probability 0, never chosen
+    # blocky regions (a coarse grid of random ids), so that their majorities differ
+    coarse = torch.randint(0, 9, (4, 6), generator=g)
+    regions, num_regions = coarse[torch.arange(out[0]) * 4 // out[0]][:, torch.arange(out[1]) * 6 // out[1]], 9
+    if kind == "one":
+        regions, num_regions = torch.ones(out, dtype=torch.long), 2
+    elif kind == "no_unsegmented":
+        regions = regions.clamp(min=1)
+    elif kind == "all_unsegmented":
+        regions, num_regions = torch.zeros(out, dtype=torch.long), 1
+    return (logits, windows, (h, w), out, torch.tensor(qc), num_classes, 40.0, thd, regions, num_regions)
+
+
+def sure_pixels(args, dtype=torch.float32) -> torch.Tensor:
+    """Pixels whose final label cannot depend on rounding: the reference's top-2 class probabilities (and
+    the best one and prob_thd) are more than NEAR apart, and so is the majority vote of their region."""
+    logits, windows, in_size, out, qc, nc, scale, thd, regions, nr = args
+    labels, probs = classify(stitch(logits.to(dtype), windows, in_size, out), qc, nc, scale, thd)
+    top = probs.topk(2, dim=0).values
+    unsure = (top[0] - top[1] < NEAR) | ((top[0] - thd).abs() < NEAR)
+    hist = torch.bincount((regions * nc + labels).flatten(), minlength=nr * nc).view(nr, nc)
+    two = hist.topk(2, dim=1).values
+    flips = torch.bincount(regions[unsure], minlength=nr)  # each flip moves the margin by at most 2
+    shaky = (two[:, 0] - two[:, 1] <= 2 * flips) & (flips > 0)
+    shaky[0] = False  # region 0 keeps per-pixel labels
+    return ~unsure & ~shaky[regions]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty comes back full of NaN / -1, so an element a kernel forgets to write shows up."""
+    empty = torch.empty
+
+    def poisoned_empty(*size, **kw):
+        t = empty(*size, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@interpreted
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, poisoned):
+    args = make_case(name)
+    ref = stitch_classify_vote(*args)
+    out = stitch_classify_vote_triton(*args)
+    assert out.shape == ref.shape and out.dtype == torch.long
+    sure = sure_pixels(args)
+    assert sure.float().mean() > 0.99, "too many near-ties for a meaningful comparison"
+    assert torch.equal(out[sure], ref[sure])
+    assert out.min() >= 0 and out.max() < args[5]
+
+
+@interpreted
+@pytest.mark.parametrize("name", ["ragged_windows", "upsampled_synonyms"])
+def test_matches_float64(name, poisoned):
+    args = make_case(name, seed=1)
+    ref64 = stitch_classify_vote(args[0].double(), *args[1:])
+    out = stitch_classify_vote_triton(*args)
+    sure = sure_pixels(args, torch.float64)
+    assert sure.float().mean() > 0.99
+    assert torch.equal(out[sure], ref64[sure])
+
+
+@interpreted
+def test_thresholded_pixels_and_vote():
+    """prob_thd sends unsure pixels to class 0; a segmented region carries one label, region 0 keeps its own."""
+    args = list(make_case("upsampled_synonyms", seed=2))
+    out = stitch_classify_vote_triton(*args)
+    regions = args[8]
+    per_pixel = stitch_classify_vote_triton(*args[:8], torch.zeros_like(regions), 1)
+    assert (per_pixel == 0).any() and (per_pixel != 0).any()
+    for r in range(1, args[9]):
+        assert out[regions == r].unique().numel() <= 1  # an id may be absent from the grid
+    assert torch.equal(out[regions == 0], per_pixel[regions == 0])
+
+
+@interpreted
+def test_dispatch():
+    set_backend("triton")
+    try:
+        assert choose("stitch_classify_vote", "cpu") is stitch_classify_vote_triton
+    finally:
+        set_backend("auto")
+    assert choose("stitch_classify_vote", "cpu") is stitch_classify_vote
