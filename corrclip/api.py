@@ -16,13 +16,11 @@ import open_clip
 import torch
 
 from . import presets
-from .kernels import choose
 from .models.build import build_models
-from .models.clip import ClipText, ClipTrunk
-from .models.corr_head import CorrHead
-from .models.dino import DinoFeatures
+from .models.clip import ClipText
 from .runtime.image_io import decode_image
-from .runtime.pipeline import CorrClipPipeline, Segmentation
+from .runtime.methods import Cliptrase, CorrClip, Dense, build_method
+from .runtime.pipeline import Pipeline, Segmentation
 from .runtime.text import TextEmbedder
 from .vocab import Vocabulary, benchmark_vocabulary, parse_classes
 
@@ -53,14 +51,21 @@ class Segmenter:
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
                  amg=None, device: str | torch.device | None = None, max_windows: int = 8,
-                 engine: str | os.PathLike | None = None, backend: str = "onnxruntime"):
+                 engine: str | os.PathLike | None = None, backend: str = "onnxruntime", method: str = "corrclip"):
         self.device = torch.device(device) if device is not None else default_device()
         self.bundle = None
         if engine is not None:
             self._init_from_bundle(engine, backend, amg, max_windows)
             return
+        if method not in presets.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(presets.METHODS)}")
+        self.method = method
+        if method != "corrclip":
+            # SC-CLIP and CLIPtrase need neither DINO nor SAM, and their research code uses OpenAI CLIP.
+            sam, clip_weights = "none", clip_weights or ("openai" if backbone in presets.OPENAI_ARCH else None)
         models = build_models(backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
-                              sam_weights=sam_weights, sam=sam, device=self.device)
+                              sam_weights=sam_weights, sam=sam, dino=None if method == "corrclip" else "none",
+                              device=self.device)
         self.backbone, self.identity = models.backbone, models.identity
         clip, clip_arch = models.clip, models.clip_arch
         masks = None
@@ -70,12 +75,11 @@ class Segmenter:
             masks = MaskGenerator(models.sam, amg or AmgSettings())
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if clip_arch == "tiny" else clip_arch)
         text = TextEmbedder(ClipText(clip), tokenizer, self.device)
-        head = CorrHead(clip.visual)
-        head.attention = choose("masked_correlation_attention", self.device)  # Triton on CUDA
-        self.pipeline = CorrClipPipeline(
-            DinoFeatures(models.dino), ClipTrunk(clip.visual), head, text,
-            patch=clip.visual.conv1.kernel_size[0], mask_generator=masks, device=self.device,
-            max_windows=max_windows, merge=choose("merge_regions", self.device))
+        self.pipeline = Pipeline(build_method(method, models, self.device), text, masks, self.device, max_windows)
+
+    def default_settings(self, preset: str | None = None, **overrides) -> presets.Settings:
+        """The method's settings for a benchmark preset (None: the method's defaults), with overrides."""
+        return presets.dataset_settings(preset, self.method, **overrides)
 
     def _init_from_bundle(self, path, backend: str, amg, max_windows: int) -> None:
         """Runs the exported graphs (no model code in the loop): ONNX Runtime, AOTInductor or TensorRT."""
@@ -84,6 +88,7 @@ class Segmenter:
 
         bundle = self.bundle = load_bundle(path)
         mf = bundle.manifest
+        self.method = mf["method"]
         self.backbone, self.identity = presets.backbone(mf["backbone"]), dict(mf["weights"])
         run = {}
         for name, graph in bundle.graphs.items():
@@ -99,10 +104,14 @@ class Segmenter:
             masks.encoder, masks.decoder = (lambda x: run["sam_encoder"](x)[0]), run["sam_decoder"]
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
                             self.device)
-        self.pipeline = CorrClipPipeline(
-            lambda w: run["dino"](w)[0], run["clip_trunk"], lambda *a: run["corr_head"](*a)[0], text,
-            patch=mf["clip"]["patch"], mask_generator=masks, device=self.device, max_windows=max_windows,
-            window=mf["window"]["crop"])
+        patch = mf["clip"]["patch"]
+        if self.method == "corrclip":
+            method = CorrClip(lambda w: run["dino"](w)[0], run["clip_trunk"], lambda *a: run["corr_head"](*a)[0], patch)
+        elif self.method == "sc-clip":
+            method = Dense("sc-clip", lambda w: run["clip_dense"](w)[0], patch)
+        else:
+            method = Cliptrase(run["clip_dense"], patch)
+        self.pipeline = Pipeline(method, text, masks, self.device, max_windows, window=mf["window"]["crop"])
 
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Sequence[str] | Vocabulary | None = None,
                 *, preset: str | None = None, masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
@@ -119,7 +128,7 @@ class Segmenter:
         if classes is None and preset is None:
             raise ValueError("give classes (e.g. 'sky, road, car') or a preset (e.g. 'voc21')")
         vocab = as_vocabulary(classes) if classes is not None else benchmark_vocabulary(preset)
-        settings = presets.dataset_settings(preset, **overrides) if preset else presets.Settings(**overrides)
+        settings = self.default_settings(preset, **overrides)
         if masks is not None and (single or isinstance(masks, np.ndarray)):
             masks = [masks]
         if masks is not None and len(masks) != len(decoded):

@@ -48,6 +48,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
                       "coco_object, coco_stuff, city_scapes, ade20k")
     p.add_argument("--masks", nargs="+", type=Path, help="region label maps (PNG/NPZ 'instance_mask'/NPY), one per "
                    "image or a folder with NAME.png/.npz; skips SAM for those images")
+    p.add_argument("--method", default="corrclip", choices=["corrclip", "sc-clip", "cliptrase"],
+                   help="corrclip (CLIP + DINO + SAM regions, default), sc-clip (CLIP only: the low-latency "
+                        "mode), cliptrase (CLIP only, self-correlation clustering)")
     p.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                    help="model sizes (default vit_b: MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM ViT-B)")
     p.add_argument("--weights", choices=["official", "random"], default=None,
@@ -74,8 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"corrclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
+    from .bench import add_parser as bench_parser
+
+    bench_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            from .bench import run
+
+            return run(args)
         return _segment(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -101,10 +111,9 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         if args.preset:
             vocab = benchmark_vocabulary(args.preset)
-            settings = dataset_settings(args.preset, prob_thd=args.prob_thd)
+            dataset_settings(args.preset, args.method)  # fail early on an unknown preset
         else:
             vocab = load_classes_file(args.classes[1:]) if args.classes.startswith("@") else parse_classes(args.classes)
-            settings = dataset_settings("voc20", prob_thd=args.prob_thd)  # the plain mmseg defaults
     except (VocabularyError, ValueError, OSError) as e:
         return _fail(str(e))
     masks = _mask_paths(args)
@@ -128,9 +137,10 @@ def _segment(args: argparse.Namespace) -> int:
         else:
             seg = Segmenter(args.backbone, weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
                             sam_weights=args.sam_weights, sam="none" if all_masked and not args.sam else args.sam,
-                            amg=amg, device=args.device)
+                            amg=amg, device=args.device, method=args.method)
     except (WeightsError, BundleError) as e:
         return _fail(str(e))
+    settings = seg.default_settings(args.preset, prob_thd=args.prob_thd)
     args.out.mkdir(parents=True, exist_ok=True)
     palette = make_palette(max(256, vocab.num_classes))
     failures: list[str] = []
@@ -139,8 +149,8 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             image = decode_image(path)
             label_map = load_label_map(mask_path, image.shape[:2]) if mask_path else None
-            if label_map is None and seg.pipeline.mask_generator is None:
-                raise ImageError(f"{path}: no region masks; pass --masks or drop --sam none")
+            if label_map is None and seg.pipeline.method.needs_masks and seg.pipeline.mask_generator is None:
+                raise ImageError("no region masks; pass --masks or drop --sam none")
             result = seg.pipeline([image], vocab, settings, [label_map])[0]
         except (ImageError, ValueError, OSError) as e:
             failures.append(f"{path}: {e}")
@@ -152,7 +162,8 @@ def _segment(args: argparse.Namespace) -> int:
         info = summary(result.names, result.labels, result.timings,
                        {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
                         "engine": str(args.engine) if args.engine else None,
-                        "random_weights": weights == "random", "settings": settings.__dict__})
+                        "method": seg.method, "random_weights": weights == "random",
+                        "settings": settings.__dict__})
         (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
         for k, v in result.timings.items():
             totals[k] = totals.get(k, 0.0) + v

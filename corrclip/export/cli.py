@@ -24,7 +24,7 @@ from ..engine.bundle import SCHEMA_VERSION, BundleError, BundleWriter
 from ..models.build import Models, build_models
 from ..models.checkpoints import WeightsError
 from .formats import write_aoti, write_onnx
-from .graphs import Graph, corrclip_graphs
+from .graphs import Graph, method_graphs
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # max |a - b| / max |torch|
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
         description="Export CorrCLIP's graphs (CLIP text, CLIP trunk, DINO, correlation head, SAM encoder and "
                     "decoder) into an engine bundle that `corrclip segment --engine DIR` and C/C++ hosts run.",
         epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--method", default="corrclip", choices=list(presets.METHODS),
+                   help="corrclip (default), sc-clip or cliptrase (CLIP only: no DINO or SAM graphs)")
     p.add_argument("--backbone", default="vit_b", choices=list(presets.BACKBONES))
     p.add_argument("--clip", help="CLIP as ARCH:WEIGHTS (open_clip tag or local file), e.g. ViT-B-16:openai")
     p.add_argument("--dino", choices=["dino_vitb8", "dino_vits8", "tiny"], help="DINO model (default: the backbone's)")
@@ -52,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="comma list of onnx, aoti, tensorrt (default onnx)")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--crop", type=int, default=336, help="window size the graphs are built for (default 336)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
     p.add_argument("--device", default="cpu", help="device to export/compile on (AOTInductor builds for it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
@@ -66,13 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     if bad or "onnx" not in formats:
         print(f"error: --format takes onnx plus optionally aoti and tensorrt (got {args.format!r})", file=sys.stderr)
         return 2
+    if args.crop is None:
+        args.crop = presets.DEFAULTS[args.method].crop
     if args.crop % 56:
         print(f"error: --crop must be a multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
               file=sys.stderr)
         return 2
     try:
-        models = build_models(args.backbone, args.weights, clip_weights=args.clip, dino_weights=args.dino_weights,
-                              sam_weights=args.sam_weights, sam=args.sam, dino=args.dino, device=args.device)
+        clip, sam, dino = args.clip, args.sam, args.dino
+        if args.method != "corrclip":  # CLIP only, OpenAI weights like the research code
+            sam, dino = "none", "none"
+            clip = clip or (f"{presets.OPENAI_ARCH[args.backbone]}:openai" if args.backbone in presets.OPENAI_ARCH
+                            else None)
+        models = build_models(args.backbone, args.weights, clip_weights=clip, dino_weights=args.dino_weights,
+                              sam_weights=args.sam_weights, sam=sam, dino=dino, device=args.device)
         writer = BundleWriter(args.out, overwrite=args.overwrite)
     except (WeightsError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -99,7 +109,7 @@ def export(models: Models, args: argparse.Namespace, formats: list[str], writer:
     from tqdm import tqdm
 
     dtype = DTYPES[args.precision]
-    graphs = corrclip_graphs(models, args.crop)
+    graphs = method_graphs(args.method, models, args.crop)
     entries = {}
     for graph in tqdm(graphs, desc="export", unit="graph"):
         if dtype != torch.float32:
@@ -172,17 +182,17 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
             return None
 
     visual = models.clip.visual
-    settings = presets.Settings(crop=args.crop)
+    settings = presets.dataset_settings(None, args.method, crop=args.crop)
     return {
         "schema_version": SCHEMA_VERSION,
-        "method": "corrclip",
+        "method": args.method,
         "backbone": models.backbone.name,
         "weights": models.identity,
         "weight_files": models.weight_files,
         "clip": {"arch": models.clip_arch, "patch": visual.conv1.kernel_size[0], "width": visual.conv1.out_channels,
                  "embed_dim": int(visual.proj.shape[1]),
                  "tokenizer": "ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch},
-        "dino": {"patch": 8, "dim": int(models.dino.embed_dim)},
+        "dino": None if models.dino is None else {"patch": 8, "dim": int(models.dino.embed_dim)},
         "sam": None if models.sam is None else {
             "img_size": models.sam.image_encoder.img_size,
             "pixel_mean": models.sam.pixel_mean.flatten().tolist(),
@@ -192,7 +202,8 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
                           "short_side": settings.short_side, "long_cap": settings.long_cap,
                           "stride": settings.stride, "resize": "opencv INTER_LINEAR on uint8"},
         "hyperparameters": {"tau": 4.0, "alpha": 1.0, "beta": 0.5, "merge_eps": settings.merge_eps,
-                            "logit_scale": settings.logit_scale, "templates": 80},
+                            "logit_scale": settings.logit_scale, "templates": 80} if args.method == "corrclip"
+        else {"settings": settings.__dict__, "templates": 80},
         "graphs": graphs,
         "versions": {"corrclip": __version__, "torch": torch.__version__, "onnx": version("onnx"),
                      "onnxruntime": version("onnxruntime"), "onnxscript": version("onnxscript"),

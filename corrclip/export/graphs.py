@@ -34,6 +34,38 @@ class Graph:
     sizes: tuple[dict[str, int], dict[str, int]]  # two assignments of the symbols, for export and parity
 
 
+def method_graphs(method: str, models: Models, crop: int) -> list[Graph]:
+    """The graphs a method's bundle holds."""
+    if method == "corrclip":
+        return corrclip_graphs(models, crop)
+    visual = models.clip.visual
+    if method == "sc-clip":
+        from ..models.scclip import ScClipDense
+
+        dense, outputs = ScClipDense(visual), ["feats"]
+    else:
+        from ..models.cliptrase import CliptraseDense
+
+        dense, outputs = CliptraseDense(visual), ["feats", "cls", "corr"]
+
+    def windows(s, g):
+        return (torch.randn(s["B"], 3, crop, crop, generator=g),)
+
+    # SC-CLIP's whole forward up to the (normalized) features is one graph; logits are one matmul.
+    return [Graph("clip_dense", dense.eval(), ["windows"], outputs, {"windows": {0: "B"}}, windows,
+                  ({"B": 2}, {"B": 1})), text_graph(models)]
+
+
+def text_graph(models: Models) -> Graph:
+    def text_inputs(s, g):
+        tokens = torch.randint(1, 40000, (s["Q"], s["L"]), generator=g)
+        tokens[:, -1] = 49407  # end of text: the largest id, where the tower pools
+        return (tokens,)
+
+    return Graph("clip_text", ClipText(models.clip).eval(), ["tokens"], ["embeddings"], {"tokens": {0: "Q", 1: "L"}},
+                 text_inputs, ({"Q": 6, "L": 20}, {"Q": 3, "L": 77}))
+
+
 def corrclip_graphs(models: Models, crop: int) -> list[Graph]:
     clip, dino = models.clip, models.dino
     visual = clip.visual
@@ -62,11 +94,6 @@ def corrclip_graphs(models: Models, crop: int) -> list[Graph]:
                 torch.randint(0, r, (b, hh, hh), generator=g),
                 F.normalize(torch.randn(q, embed, generator=g), dim=-1))
 
-    def text_inputs(s, g):
-        tokens = torch.randint(1, 40000, (s["Q"], s["L"]), generator=g)
-        tokens[:, -1] = 49407  # end of text: the largest id, where the tower pools
-        return (tokens,)
-
     b_only = ({"B": 2}, {"B": 1})
     graphs = [
         Graph("dino", DinoFeatures(dino), ["windows"], ["feats"], {"windows": {0: "B"}}, windows, b_only),
@@ -77,8 +104,7 @@ def corrclip_graphs(models: Models, crop: int) -> list[Graph]:
               ["logits"], {"feats": {0: "B"}, "region_ids": {0: "B"}, "values": {0: "B"}, "mct": {0: "B", 1: "R"},
                            "mct_index": {0: "B"}, "text": {0: "Q"}},
               head_inputs, ({"B": 2, "R": 5, "Q": 7}, {"B": 1, "R": 9, "Q": 3})),
-        Graph("clip_text", ClipText(clip), ["tokens"], ["embeddings"], {"tokens": {0: "Q", 1: "L"}}, text_inputs,
-              ({"Q": 6, "L": 20}, {"Q": 3, "L": 77})),
+        text_graph(models),
     ]
     if models.sam is not None:
         graphs += sam_graphs(models.sam)

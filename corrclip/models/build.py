@@ -20,7 +20,7 @@ class Models:
     backbone: presets.Backbone
     clip: nn.Module
     clip_arch: str
-    dino: nn.Module
+    dino: nn.Module | None
     sam: nn.Module | None
     identity: dict[str, str] = field(default_factory=dict)  # what was loaded, for manifests and summaries
     weight_files: dict[str, str] = field(default_factory=dict)  # local checkpoint file -> sha256
@@ -57,8 +57,11 @@ def build_models(backbone: str = "vit_b", weights: str | None = None, *, clip_we
     clip_arch, clip_w = resolve_clip(bb, weights, clip_weights)
     clip = build_clip(clip_arch, clip_w, device=device)
     dino_name = dino or bb.dino
-    dino_model = build_dino(dino_name, dino_weights or weights, device=device)
-    identity = {"backbone": bb.name, "clip": f"{clip_arch}:{clip_w}", "dino": f"{dino_name}:{dino_weights or weights}"}
+    identity = {"backbone": bb.name, "clip": f"{clip_arch}:{clip_w}"}
+    dino_model = None
+    if dino_name != "none":
+        dino_model = build_dino(dino_name, dino_weights or weights, device=device)
+        identity["dino"] = f"{dino_name}:{dino_weights or weights}"
     sam_model = None
     sam = sam or bb.sam
     if sam != "none":

@@ -56,3 +56,60 @@ class Dense:
             feats = self.dense(windows)  # [B, n, E]
         logits = feats @ text.to(feats.dtype).t()
         return logits.transpose(1, 2).reshape(len(windows), -1, h // self.patch, w // self.patch), None
+
+
+class Cliptrase:
+    """CLIPtrase: self-correlation CLIP features, clustering of the denoised correlation rows into
+    regions (DBSCAN), and a vote inside those regions (the shared vote, on the stitched map)."""
+
+    name = "cliptrase"
+    needs_masks = False
+
+    def __init__(self, dense: Callable, patch: int):
+        self.dense, self.patch = dense, patch
+
+    def encode(self, windows: torch.Tensor, masks: torch.Tensor | None, text: torch.Tensor, s: Settings,
+               timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..kernels.cliptrase_post import cluster_regions
+        from ..kernels.dbscan import dbscan
+
+        b, (h, w) = len(windows), windows.shape[-2:]
+        gh, gw = h // self.patch, w // self.patch
+        with timer("clip_dense"):
+            feats, cls, corr = self.dense(windows)
+        logits = (feats @ text.to(feats.dtype).t()).transpose(1, 2).reshape(b, -1, gh, gw)
+        if s.cls_prior:  # VOC20 in the research script: an image-level prior from the CLS logits
+            logits = logits * (cls @ text.to(cls.dtype).t())[:, :, None, None]
+        with timer("regions"):
+            regions = []
+            for i in range(b):  # a handful of windows per image; clustering is per window
+                labels = dbscan(corr[i].float(), s.cluster_eps, s.cluster_min_samples)
+                r = cluster_regions(corr[i].float(), labels, (gh, gw), (h, w))
+                regions.append(r if r is not None else torch.full((h, w), -1, dtype=torch.long, device=windows.device))
+        return logits, torch.stack(regions)
+
+
+def build_method(name: str, models, device: torch.device):
+    """The torch-backend method objects from built models (corrclip.models.build.Models)."""
+    from ..kernels import choose
+
+    visual = models.clip.visual
+    patch = visual.conv1.kernel_size[0]
+    if name == "corrclip":
+        from ..models.clip import ClipTrunk
+        from ..models.corr_head import CorrHead
+        from ..models.dino import DinoFeatures
+
+        head = CorrHead(visual)
+        head.attention = choose("masked_correlation_attention", device)  # Triton on CUDA
+        return CorrClip(DinoFeatures(models.dino), ClipTrunk(visual), head, patch, choose("merge_regions", device))
+    if name == "sc-clip":
+        from ..models.scclip import ScClipConfig, ScClipDense
+
+        cfg = ScClipConfig.for_depth(len(visual.transformer.resblocks))
+        return Dense("sc-clip", ScClipDense(visual, cfg).eval(), patch)
+    if name == "cliptrase":
+        from ..models.cliptrase import CliptraseDense
+
+        return Cliptrase(CliptraseDense(visual).eval(), patch)
+    raise ValueError(f"unknown method {name!r}")

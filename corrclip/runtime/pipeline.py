@@ -35,6 +35,7 @@ class Segmentation:
     names: list[str]  # class display names, index = label
     probs: np.ndarray | None = None  # [C, H0, W0] class probabilities before voting, if asked for
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    flops: dict[str, int] | None = None  # counted FLOPs per stage, when asked for (torch backend)
 
 
 @dataclass
@@ -62,9 +63,9 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray], vocab: Vocabulary, settings: Settings,
-                 label_maps: Sequence[np.ndarray | None] | None = None, return_probs: bool = False
-                 ) -> list[Segmentation]:
-        timer = StageTimer(self.device)
+                 label_maps: Sequence[np.ndarray | None] | None = None, return_probs: bool = False,
+                 count_flops: bool = False) -> list[Segmentation]:
+        timer = StageTimer(self.device, count_flops=count_flops)
         label_maps = list(label_maps) if label_maps is not None else [None] * len(images)
         prepared = [self._prepare(img, lm, settings, timer) for img, lm in zip(images, label_maps, strict=True)]
         with timer("text"):
@@ -95,6 +96,7 @@ class Pipeline:
             results.append(out)
         for r in results:
             r.timings = dict(timer.seconds)
+            r.flops = dict(timer.flops) if timer.flops is not None else None
         return results
 
     def _prepare(self, image: np.ndarray, label_map: np.ndarray | None, s: Settings, timer: StageTimer) -> _Image:
@@ -155,25 +157,19 @@ class Pipeline:
 
 def paint_window_regions(regions: torch.Tensor, windows: Sequence[Window], input_size: tuple[int, int],
                          output_size: tuple[int, int]) -> tuple[torch.Tensor, int]:
-    """Per-window region ids [B, h, w] (0..K_b-1) -> one map at the original size, ids 1.. (all voted).
+    """Per-window region ids [B, h, w] (0..K_b-1, -1 = none) -> one map at the original size.
 
-    Windows are painted in order, each with its own id range, later windows winning overlaps; the
-    map is then nearest-resampled to the original size (spec's 'nearest' rule).
+    Windows are painted in order, each with its own id range (ids from 1), later windows winning
+    overlaps; -1 becomes 0 (not voted). The map is nearest-resampled to the original size.
     """
     canvas = torch.zeros(input_size, dtype=torch.long, device=regions.device)
     offset = 1
     for r, win in zip(regions, windows, strict=True):
         left, _, top, _ = win.pad
         r = r[top: top + win.y2 - win.y1, left: left + win.x2 - win.x1]
-        canvas[win.y1:win.y2, win.x1:win.x2] = r + offset
+        canvas[win.y1:win.y2, win.x1:win.x2] = torch.where(r >= 0, r + offset, 0)
         offset += int(r.max()) + 1
-    canvas, k = compact_label_map_torch(resize_nearest(canvas, output_size))
-    return canvas + 1, k + 1
-
-
-def compact_label_map_torch(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    uniq, inverse = torch.unique(labels, return_inverse=True)
-    return inverse.reshape(labels.shape), len(uniq)
+    return resize_nearest(canvas, output_size), offset
 
 
 # Kept for callers of the first API (CorrCLIP only).
