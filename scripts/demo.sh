@@ -5,7 +5,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 out=${OUT:-outputs/example}
-args=(segment examples/example.jpg --classes "table, cup, saucer, spoon, coffee" --backbone vit_b --out "$out" "$@")
+args=(segment examples/example.jpg --classes "table, cup, saucer, spoon, coffee" --backbone vit_b --out "$out")
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  # On a CPU, SAM's 32x32 = 1024 prompts take minutes; 8x8 is the research code's online setting.
+  echo "==> no GPU: using an 8x8 SAM prompt grid (pass --points-per-side 32 for the full grid)" >&2
+  args+=(--points-per-side 8)
+fi
+args+=("$@")
 .venv/bin/corrclip "${args[@]}" --weights official
 rc=$?
 if [ $rc -eq 2 ]; then
