@@ -1,31 +1,11 @@
 """Fused masked correlation attention (Triton, interpreted on the CPU) against the torch reference and float64."""
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_support import interpreted
 
-# Triton decides when triton.language is first imported whether kernels run under the CPU interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from corrclip.kernels import choose, correlation, set_backend  # noqa: E402
-
-# In a full test run another module may have imported Triton first (timm does), compiled: the kernels then cannot
-# run on the CPU in this process, and test_in_fresh_process runs this file again in a clean one instead.
-INTERPRETED = type(pytest.importorskip("triton.language").zeros).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton was imported compiled; see test_in_fresh_process")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process runs the kernels under the interpreter itself")
-def test_in_fresh_process():
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:]
-
+from corrclip.kernels import choose, correlation, set_backend
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

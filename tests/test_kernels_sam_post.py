@@ -1,46 +1,17 @@
 """SAM AMG post-processing: the torch reference against segment_anything's generator, the Triton path
 (interpreted on the CPU) against the reference and float64."""
 
-import os
 
-# Triton decides when triton.language is first imported whether kernels run under the CPU interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.transforms import ResizeLongestSide
+from triton_support import interpreted
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
-from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
-
-from corrclip.kernels import choose, set_backend, triton_available  # noqa: E402
-from corrclip.kernels.sam_post import sam_postprocess, sam_postprocess_triton, upscale_logits  # noqa: E402
-from corrclip.models.sam import build_sam  # noqa: E402
-
-
-# In a full test run another module may have imported Triton first (timm does), compiled: the kernels then cannot
-# run on the CPU in this process, and test_in_fresh_process runs this file's Triton tests in a clean one instead.
-# The reference-against-library tests need no Triton.
-def interpreted_here() -> bool:
-    try:
-        import triton.language as tl
-    except ImportError:
-        return False
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-INTERPRETED = interpreted_here()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="no Triton, or Triton was imported compiled")
-
-
-@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="no Triton, or this process interprets it")
-def test_in_fresh_process():
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:]
-
+from corrclip.kernels import choose, set_backend
+from corrclip.kernels.sam_post import sam_postprocess, sam_postprocess_triton, upscale_logits
+from corrclip.models.sam import build_sam
 
 NEAR = 1e-5  # upsampled logits closer than this to the mask threshold may land on either side in float32
 
