@@ -11,8 +11,6 @@ when the same weights are given; it never compares outputs (the export's parity 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -20,20 +18,7 @@ from corrclip.engine.bundle import load_bundle
 from corrclip.engine.executors import make_executor
 from corrclip.export.graphs import method_graphs
 from corrclip.models.build import build_models
-
-
-def timed(fn, runs: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from corrclip.runtime.timing import median_seconds
 
 
 def main() -> None:
@@ -58,11 +43,11 @@ def main() -> None:
         g = graphs[name]
         inputs = tuple(t.to(device) for t in g.make_inputs(g.sizes[0], torch.Generator().manual_seed(0)))
         with torch.inference_mode():
-            ref = timed(lambda g=g, inputs=inputs: g.module(*inputs), args.runs, device)
+            ref = median_seconds(lambda g=g, inputs=inputs: g.module(*inputs), device, 1, args.runs)
         row = f"{name:<12} {str(g.sizes[0]):<22} {1000 * ref:10.1f} "
         for b in backends:
             run = make_executor(bundle, name, b, device)
-            t = timed(lambda run=run, inputs=inputs: run(*inputs), args.runs, device)
+            t = median_seconds(lambda run=run, inputs=inputs: run(*inputs), device, 1, args.runs)
             row += f"{1000 * t:15.1f} {t / ref:6.2f}"
         print(row)
 

@@ -20,35 +20,13 @@ import argparse
 import datetime
 import math
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from corrclip.kernels.correlation import masked_correlation_attention, masked_correlation_attention_triton
 from corrclip.kernels.merging import merge_regions, merge_regions_triton
-
-
-def bench(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> float:
-    """Median seconds of `runs` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from corrclip.runtime.timing import median_seconds as bench
 
 
 def ceilings(device: torch.device, warmup: int, runs: int) -> tuple[float, float]:

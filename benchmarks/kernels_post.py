@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,28 +26,11 @@ import torch
 from corrclip.kernels.sam_post import sam_postprocess, sam_postprocess_triton
 from corrclip.kernels.stitch_vote import stitch_classify_vote, stitch_classify_vote_triton
 from corrclip.runtime.preprocess import resized_size, sliding_windows
+from corrclip.runtime.timing import median_seconds as bench
 
 BILERP = 9  # FLOPs of one bilinear blend: 6 multiplies, 3 adds
 
 
-def bench(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ceilings(device: torch.device) -> dict[str, float]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runtime.timing import median_seconds
+
 STAGE_ORDER = ("masks", "masks.sam_encoder", "masks.prompt_decoding", "masks.mask_postprocess", "preprocess", "text",
                "dino", "regions", "clip_trunk", "corr_head", "clip_dense", "stitch_vote")
 
@@ -78,21 +80,8 @@ def device_ceilings(device: torch.device) -> dict[str, float]:
     x = torch.empty(64 * 2**20 // 4, device=device)
     y = torch.empty_like(x)
 
-    def best(fn, reps=5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    mm = best(lambda: [a @ b for _ in range(4 if device.type == "cuda" else 1)])
-    cp = best(lambda: y.copy_(x))
+    mm = median_seconds(lambda: [a @ b for _ in range(4 if device.type == "cuda" else 1)], device, 1, 5)
+    cp = median_seconds(lambda: y.copy_(x), device, 1, 5)
     return {"matmul_flops": (4 if device.type == "cuda" else 1) * 2 * n**3 / mm, "copy_bytes": 2 * x.numel() * 4 / cp,
             "matmul_dtype": str(dtype).removeprefix("torch.")}
 

@@ -8,6 +8,7 @@ aten ops the stage dispatches; exported graphs run outside torch are not seen).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -57,3 +58,24 @@ class StageTimer:
                 self._seconds[stage] += start.elapsed_time(end) / 1000.0
             self._events.clear()
         return self._seconds
+
+
+def median_seconds(fn, device: torch.device | str, warmup: int = 1, runs: int = 5) -> float:
+    """Median seconds of `runs` calls of fn after `warmup` calls: CUDA events on a GPU, host clock on the CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
