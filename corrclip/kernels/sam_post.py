@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
 from torchvision.ops import batched_nms
 
+from . import triton_common
+
 
 @dataclass
 class SamMasks:
@@ -108,7 +110,10 @@ def sam_postprocess(low_res_logits: torch.Tensor, iou_preds: torch.Tensor, input
 # until _triton() swaps each for its triton.jit version (helpers too: a kernel resolves callees by global name).
 
 tl = None  # triton.language, bound by _triton()
-_JIT = ("_taps", "_mix", "_upsampled", "_stats_kernel", "_paint_kernel")
+_JIT = ("_mix", "_upsampled", "_stats_kernel", "_paint_kernel")
+
+
+_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted below like the rest
 
 
 @functools.cache
@@ -120,16 +125,10 @@ def _triton():
     tl = language
     for name in _JIT:
         globals()[name] = triton.jit(globals()[name])
+    triton_common.language()
+    globals()["_taps"] = triton.jit(triton_common.bilinear_taps)
     return triton
 
-
-def _taps(dst, scale, n_in):
-    """F.interpolate's bilinear source taps (align_corners=False): index pair and weights per output index."""
-    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0, so truncation is floor
-    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    return i0, i1, 1.0 - l1, l1
 
 
 def _mix(plane, ra, rb, wra, wrb, ca, cb, wca, wcb, LOW: tl.constexpr):

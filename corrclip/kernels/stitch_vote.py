@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import triton_common
 from .stitch import stitch
 from .vote import classify, vote
 
@@ -50,7 +51,10 @@ def stitch_classify_vote(window_logits: torch.Tensor, windows: Sequence, input_s
 # until _triton() swaps each for its triton.jit version (helpers too: a kernel resolves callees by global name).
 
 tl = None  # triton.language, bound by _triton()
-_JIT = ("_taps", "_bilerp", "_canvas_kernel", "_classify_kernel", "_majority_kernel", "_gather_kernel")
+_JIT = ("_bilerp", "_canvas_kernel", "_classify_kernel", "_majority_kernel", "_gather_kernel")
+
+
+_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted below like the rest
 
 
 @functools.cache
@@ -62,16 +66,10 @@ def _triton():
     tl = language
     for name in _JIT:
         globals()[name] = triton.jit(globals()[name])
+    triton_common.language()
+    globals()["_taps"] = triton.jit(triton_common.bilinear_taps)
     return triton
 
-
-def _taps(dst, scale, n_in):
-    """F.interpolate's bilinear source taps (align_corners=False): index pair and weights per output index."""
-    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0, so truncation is floor
-    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    return i0, i1, 1.0 - l1, l1
 
 
 def _bilerp(base, row, ya, yb, xa, xb, wya, wyb, wxa, wxb, mask):
