@@ -177,3 +177,15 @@ def test_tensorrt_backend_is_explained_when_absent(bundle):
             make_executor(load_bundle(bundle), "dino", "tensorrt", "cpu")
     else:  # pragma: no cover - only where TensorRT exists (never on our CI)
         pytest.skip("TensorRT present: covered by a GPU run, not by CI")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_bench_runs_on_bundle_backends(bundle, backend, tmp_path):
+    from corrclip.cli import main
+
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--engine", str(bundle), "--backend", backend, "--synthetic", "1", "--size", "120x90",
+               "--points-per-side", "4", "--runs", "2", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["backend"] == backend and r["stages_ms"]["corr_head"]["p50"] > 0 and r["flops_source"] is None
