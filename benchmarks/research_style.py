@@ -86,7 +86,11 @@ def _nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ResearchStylePath:
-    """segment(image, vocab, settings, label_map=None) -> (labels [H0, W0], seconds per stage)."""
+    """segment(image, vocab, settings, label_map=None) -> (labels [H0, W0], seconds per stage).
+
+    On CUDA the given models are converted to fp16 in place (CLIP as open_clip's precision="fp16",
+    DINO entirely), as the research code loads them; SAM stays fp32 so the masks match our path's.
+    """
 
     def __init__(self, models: Models, device: torch.device | str = "cpu", points_per_side: int = 32):
         self.device = torch.device(device)
