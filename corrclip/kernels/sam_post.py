@@ -118,16 +118,7 @@ _taps = triton_common.bilinear_taps  # shared with the other kernels; jitted bel
 
 @functools.cache
 def _triton():
-    global tl
-    import triton
-    import triton.language as language
-
-    tl = language
-    for name in _JIT:
-        globals()[name] = triton.jit(globals()[name])
-    triton_common.language()
-    globals()["_taps"] = triton.jit(triton_common.bilinear_taps)
-    return triton
+    return triton_common.jit_module(globals(), _JIT)
 
 
 

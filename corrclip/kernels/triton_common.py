@@ -18,6 +18,18 @@ def language():
     return tl
 
 
+def jit_module(namespace: dict, names: tuple[str, ...]):
+    """Binds `tl` in a kernel module and replaces its plain device functions and kernels (and the
+    shared `_taps`) by their triton.jit versions; a kernel resolves callees by global name."""
+    import triton
+
+    namespace["tl"] = language()
+    namespace["_taps"] = triton.jit(bilinear_taps)
+    for name in names:
+        namespace[name] = triton.jit(namespace[name])
+    return triton
+
+
 def bilinear_taps(dst, scale, n_in):
     """F.interpolate's bilinear source taps (align_corners=False): index pair and weights per output index."""
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
