@@ -143,6 +143,17 @@ def interpolate_pos_embed_clip(pos: torch.Tensor, grid: tuple[int, int]) -> torc
     return torch.cat([pos[:1], patch], dim=0)
 
 
+def embed_windows(visual: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """windows [B,3,h,w] -> tokens [B,1+n,D]: patches, CLS, positional embedding, ln_pre (every method)."""
+    x = visual.conv1(windows.to(visual.conv1.weight.dtype))  # [B, D, gh, gw]
+    gh, gw = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    x = x + interpolate_pos_embed_clip(visual.positional_embedding, (gh, gw)).to(x.dtype)
+    return visual.ln_pre(x)
+
+
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     b, t, d = x.shape
     return x.view(b, t, n_head, d // n_head).transpose(1, 2)
@@ -174,14 +185,7 @@ class ClipTrunk(nn.Module):
         self.spatial_blocks = tuple(range(depth - 2 - k, depth - 2))
 
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        v = self.visual
-        x = v.conv1(windows.to(v.conv1.weight.dtype))  # [B, D, gh, gw]
-        gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + interpolate_pos_embed_clip(v.positional_embedding, (gh, gw)).to(x.dtype)
-        return v.ln_pre(x)
+        return embed_windows(self.visual, windows)
 
     def _attend(self, blk: nn.Module, x: torch.Tensor, m: torch.Tensor | None, mct_bias: torch.Tensor,
                 image_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import _heads, _merge_heads
-from .scclip import embed_windows, vanilla_block
+from .clip import _heads, _merge_heads, embed_windows
+from .scclip import vanilla_block
 
 
 def _qkv_heads(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

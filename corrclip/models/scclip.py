@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import _heads, _merge_heads, interpolate_pos_embed_clip
+from .clip import _heads, _merge_heads, embed_windows
 
 
 @dataclass(frozen=True)
@@ -68,18 +68,6 @@ class ScClipConfig:
 
 # --------------------------------------------------------------------------------------------
 # Shared with the CLIPtrase graph: the image-tower pieces that run unmodified.
-
-
-def embed_windows(visual: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """windows [B,3,h,w] -> tokens [B,1+n,D] after ln_pre (same as ClipTrunk.embed)."""
-    x = visual.conv1(windows.to(visual.conv1.weight.dtype))
-    gh, gw = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1)
-    # Only interpolated when the grid differs from the native one (spec §4).
-    x = x + interpolate_pos_embed_clip(visual.positional_embedding, (gh, gw)).to(x.dtype)
-    return visual.ln_pre(x)
 
 
 def vanilla_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
