@@ -62,7 +62,10 @@ class Segmenter:
         self.method = method
         if method != "corrclip":
             # SC-CLIP and CLIPtrase need neither DINO nor SAM, and their research code uses OpenAI CLIP.
-            sam, clip_weights = "none", clip_weights or ("openai" if backbone in presets.OPENAI_ARCH else None)
+            sam = "none"
+            if clip_weights is None and backbone in presets.OPENAI_ARCH:
+                arch = presets.OPENAI_ARCH[backbone]
+                clip_weights = f"{arch}:random" if weights == "random" else "openai"
         models = build_models(backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
                               sam_weights=sam_weights, sam=sam, dino=None if method == "corrclip" else "none",
                               device=self.device)

@@ -101,3 +101,22 @@ def test_bench(tmp_path, method, capsys):
     if method == "corrclip":
         assert "masks" in stages and stages["masks.sam_encoder"]["weight_mb"] > 0
     assert "p99" in capsys.readouterr().out
+
+
+def test_random_weights_never_download_openai_clip(monkeypatch):
+    """SC-CLIP/CLIPtrase default to OpenAI's CLIP architecture; with --weights random that must stay offline."""
+    import open_clip
+
+    from corrclip.models.clip import build_clip
+
+    seen = []
+
+    def spy(name, pretrained=None, **kw):
+        seen.append((name, pretrained))
+        if pretrained:
+            raise AssertionError(f"tried to fetch {name}:{pretrained}")
+        return build_clip("tiny", "random")  # stands in for the full-size architecture: no weights needed
+
+    monkeypatch.setattr(open_clip, "create_model", spy)
+    seg = Segmenter("vit_b", "random", method="sc-clip", device="cpu")
+    assert seen == [("ViT-B-16", None)] and seg.identity["clip"] == "ViT-B-16:random"

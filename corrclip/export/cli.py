@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         clip, sam, dino = args.clip, args.sam, args.dino
         if args.method != "corrclip":  # CLIP only, OpenAI weights like the research code
             sam, dino = "none", "none"
-            clip = clip or (f"{presets.OPENAI_ARCH[args.backbone]}:openai" if args.backbone in presets.OPENAI_ARCH
-                            else None)
+            if clip is None and args.backbone in presets.OPENAI_ARCH:
+                random = (args.weights or "official") == "random"
+                clip = f"{presets.OPENAI_ARCH[args.backbone]}:{'random' if random else 'openai'}"
         models = build_models(args.backbone, args.weights, clip_weights=clip, dino_weights=args.dino_weights,
                               sam_weights=args.sam_weights, sam=sam, dino=dino, device=args.device)
         writer = BundleWriter(args.out, overwrite=args.overwrite)
