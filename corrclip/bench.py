@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         stages[k] = entry
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": backend, "method": args.method, "engine": str(args.engine) if args.engine else None,
+        "backend": backend, "method": seg.method, "engine": str(args.engine) if args.engine else None,
         "backbone": seg.backbone.name, "weights": seg.identity, "batch": args.batch, "image_sizes": [
             list(im.shape[:2]) for im in images], "queries": vocab.num_queries, "classes": vocab.num_classes,
         "points_per_side": args.points_per_side, "warmup": args.warmup, "runs": args.runs,
@@ -207,8 +207,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(r: dict) -> None:
+    sam = f"{r['points_per_side']}x{r['points_per_side']} SAM points" if r["method"] == "corrclip" else "no SAM"
     print(f"\n{r['backbone']} / {r['method']} / {r['backend']} on {r['device']}: batch {r['batch']}, "
-          f"{r['queries']} queries, {r['points_per_side']}x{r['points_per_side']} SAM points, {r['runs']} runs")
+          f"{r['queries']} queries, {sam}, {r['runs']} runs")
     print(f"{'stage':<24}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'GFLOP':>10}{'floor ms':>10}")
     for k, v in r["stages_ms"].items():
         floor = max(v.get("floor_ms_compute", 0.0), v.get("floor_ms_bytes", 0.0))
