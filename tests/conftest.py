@@ -7,7 +7,20 @@ it before anything imports Triton.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty comes back full of NaN / -1, so an element a kernel forgets to write shows up."""
+    empty = torch.empty
+
+    def poisoned_empty(*size, **kw):
+        t = empty(*size, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

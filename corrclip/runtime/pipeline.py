@@ -170,11 +170,3 @@ def paint_window_regions(regions: torch.Tensor, windows: Sequence[Window], input
         canvas[win.y1:win.y2, win.x1:win.x2] = torch.where(r >= 0, r + offset, 0)
         offset += int(r.max()) + 1
     return resize_nearest(canvas, output_size), offset
-
-
-# Kept for callers of the first API (CorrCLIP only).
-def CorrClipPipeline(dino, trunk, head, text, patch: int, mask_generator=None, device="cpu", max_windows: int = 8,
-                     merge=None, window: int | None = None) -> Pipeline:
-    from .methods import CorrClip
-
-    return Pipeline(CorrClip(dino, trunk, head, patch, merge), text, mask_generator, device, max_windows, window)
