@@ -104,7 +104,12 @@ class Segmenter:
             from .runtime.amg import AmgSettings, MaskGenerator
 
             masks = MaskGenerator(_SamShell(mf["sam"], self.device), amg or AmgSettings())
-            masks.encoder, masks.decoder = (lambda x: run["sam_encoder"](x)[0]), run["sam_decoder"]
+            masks.encoder = lambda x: run["sam_encoder"](x)[0]
+            # the shared decoder's three graphs; bundles exported before it have segment_anything's instead
+            masks.decoder, masks.image_terms, masks.prompt_tokens = (
+                run.get("sam_decoder"), run.get("sam_image_terms"), run.get("sam_prompt_tokens"))
+            if "sam_prompt_masks" in run:
+                masks.prompt_masks = lambda *a: run["sam_prompt_masks"](*a)[0]
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
                             self.device)
         patch = mf["clip"]["patch"]

@@ -146,25 +146,35 @@ class SamDecoder(nn.Module):
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.prompt_encoder
-        h, w = pe.input_image_size
         n = point_coords.shape[0]
-        # Like PromptEncoder._embed_points with pad=True: shift to pixel centres, append one
-        # "not a point" at (0, 0), normalize (in the caller's dtype, then float, as the library does).
-        coords = point_coords + 0.5
-        coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
-        coords = coords / torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
-        labels = point_labels.to(torch.float32)
-        labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)[..., None]
-        sparse = pe.pe_layer._pe_encoding(coords.to(torch.float32))
-        sparse = torch.where(labels == -1, pe.not_a_point_embed.weight, sparse)
-        sparse = sparse + torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
-        sparse = sparse + torch.where(labels == 1, pe.point_embeddings[1].weight, 0.0)
         gh, gw = pe.image_embedding_size
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, gh, gw)
         return self.mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
+            sparse_prompt_embeddings=embed_points(pe, point_coords, point_labels),
             dense_prompt_embeddings=dense,
             multimask_output=True,
         )
+
+
+def embed_points(pe: PromptEncoder, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+    """PromptEncoder._embed_points with pad=True, as `where`s: [P, k, 2] pixels, [P, k] labels -> [P, k+1, C].
+
+    Shifts to pixel centres, appends one "not a point" at (0, 0) and normalizes in the caller's dtype
+    (float64 in the AMG), then encodes in float32 as the library does, even when the weights are bf16.
+    """
+    h, w = pe.input_image_size
+    coords = point_coords + 0.5
+    coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+    coords = coords / torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
+    labels = point_labels.to(torch.float32)
+    labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)[..., None]
+    # PositionEmbeddingRandom._pe_encoding, with its Gaussian matrix read in float32
+    coords = (2 * coords.to(torch.float32) - 1) @ pe.pe_layer.positional_encoding_gaussian_matrix.float()
+    coords = 2 * np.pi * coords
+    sparse = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+    sparse = torch.where(labels == -1, pe.not_a_point_embed.weight, sparse)
+    sparse = sparse + torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
+    sparse = sparse + torch.where(labels == 1, pe.point_embeddings[1].weight, 0.0)
+    return sparse.to(pe.point_embeddings[0].weight.dtype)

@@ -2,7 +2,9 @@
 
 MaskGenerator keeps the same masks, in the same order, as segment_anything's SamAutomaticMaskGenerator
 with crop_n_layers=0 and output_mode="binary_mask", but stays on the model's device (no RLE round trip)
-and upsamples only the masks that pass the predicted-IoU filter.
+and upsamples only the masks that pass the predicted-IoU filter. Its default prompt decoder is the
+shared-image decoder (models/sam_shared_decoder.py: equal up to float rounding, a fraction of the work),
+which also skips the mask upscaling of prompts whose three masks all fail that filter.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from corrclip.kernels import choose
 from corrclip.models.sam import SamDecoder, SamEncoder, sam_preprocess
+from corrclip.models.sam_shared_decoder import SamImageTerms, SamPromptMasks, SamPromptTokens
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
 # min_mask_region_area pass, which uses max(box_nms_thresh, crop_nms_thresh).
 _CROP_NMS_THRESH = 0.7
+# The shared decoder's mask stage holds ~12 MB per prompt (vit_b, float32); chunks bound the peak memory.
+_MASK_CHUNK = 64
+DECODERS = ("shared", "reference")
 
 
 @dataclass
@@ -31,7 +37,8 @@ class AmgSettings:
 
     The defaults follow CorrCLIPv2's SAM option (pred_iou_thresh 0.7, stability_score_thresh 0.7),
     looser than the library's ViT-H defaults (0.88 / 0.95). As in the library, a threshold <= 0
-    switches its filter off entirely.
+    switches its filter off entirely. decoder: "shared" (the image-side work once per image) or
+    "reference" (segment_anything's MaskDecoder, once per prompt).
     """
 
     points_per_side: int = 32
@@ -42,6 +49,11 @@ class AmgSettings:
     mask_threshold: float = 0.0
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
+    decoder: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown SAM decoder {self.decoder!r}; choose one of {', '.join(DECODERS)}")
 
 
 @dataclass
@@ -97,9 +109,10 @@ def _sync(device: torch.device) -> float:
 class MaskGenerator:
     """SamAutomaticMaskGenerator (one crop, binary masks) without the per-mask Python work.
 
-    `encoder` and `decoder` are the graph wrappers; anything with the same call signature
-    (e.g. an exported graph's session adapter) can replace them. The decoder gets float64 point
-    coordinates, as in the library: rounding them to float32 first can move a logit across the threshold.
+    `encoder`, `decoder` (reference) and `image_terms`, `prompt_tokens`, `prompt_masks` (shared) are
+    the graph wrappers; anything with the same call signature (e.g. an exported graph's session adapter)
+    can replace them. The decoders get float64 point coordinates, as in the library: rounding them to
+    float32 first can move a logit across the threshold.
     """
 
     def __init__(self, sam: Sam, settings: AmgSettings | None = None) -> None:
@@ -107,6 +120,10 @@ class MaskGenerator:
         self.settings = settings or AmgSettings()
         self.encoder = SamEncoder(sam)
         self.decoder = SamDecoder(sam)
+        self.image_terms = self.prompt_tokens = self.prompt_masks = None
+        if sam.mask_decoder is not None:  # a torch SAM (the shell of an exported bundle has none)
+            self.image_terms, self.prompt_tokens = SamImageTerms(sam), SamPromptTokens(sam)
+            self.prompt_masks = SamPromptMasks(sam)
         self.last_timings: dict[str, float] = {}
         # masks left after each stage of the last generate(): how strict the settings are in practice
         self.last_counts: dict[str, int] = {}
@@ -130,13 +147,21 @@ class MaskGenerator:
         t2 = _sync(dev)
         points = self._points(h0, w0)
         lows, ious = [], []
-        counts = {"masks": 0, "after_iou": 0}
+        counts = {"masks": 0, "upscaled": 0, "after_iou": 0}
+        terms = self._image_terms(emb) if s.decoder == "shared" else None
         for start in range(0, points.shape[0], s.points_per_batch):
             pts = points[start : start + s.points_per_batch, None, :]
             labels = torch.ones(pts.shape[:2], dtype=torch.int32, device=dev)
-            low, iou = self.decoder(emb, pts, labels)
+            counts["masks"] += 3 * pts.shape[0]
+            if terms is None:
+                if self.decoder is None:
+                    raise ValueError("this engine bundle has only the shared SAM decoder's graphs: "
+                                     "use --sam-decoder shared")
+                low, iou = self.decoder(emb, pts, labels)
+            else:
+                low, iou = self._shared_decode(terms, pts, labels)
             low, iou = low.flatten(0, 1), iou.flatten(0, 1)  # point-major: the library's flatten order
-            counts["masks"] += low.shape[0]
+            counts["upscaled"] += low.shape[0]
             if s.pred_iou_thresh > 0.0:  # filter early to save memory; post-processing filters again
                 keep = iou > s.pred_iou_thresh
                 low, iou = low[keep], iou[keep]
@@ -147,6 +172,27 @@ class MaskGenerator:
         self.last_timings = {"preprocess": t1 - t0, "sam_encoder": t2 - t1, "prompt_decoding": t3 - t2}
         self.last_counts = counts
         return torch.cat(lows), torch.cat(ious), input_size
+
+    def _image_terms(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.image_terms is None:
+            raise ValueError("this engine bundle has no graphs for the shared SAM decoder: use "
+                             "--sam-decoder reference, or re-export it with this version's corrclip-export")
+        return tuple(self.image_terms(emb))
+
+    def _shared_decode(self, terms: tuple[torch.Tensor, ...], pts: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> low-res logits [P', 3, 256, 256], IoUs [P', 3]. With the IoU filter on, P' counts only the prompts
+        with a mask that passes it: the others' masks would be dropped, so they are never upscaled."""
+        iou, *factors = self.prompt_tokens(*terms[:-1], pts, labels)  # the last term is the mask stage's
+        if self.settings.pred_iou_thresh > 0.0:
+            wanted = (iou > self.settings.pred_iou_thresh).any(1)
+            iou, factors = iou[wanted], [f[wanted] for f in factors]
+        lows = [self.prompt_masks(terms[-1], *(f[i : i + _MASK_CHUNK] for f in factors))
+                for i in range(0, iou.shape[0], _MASK_CHUNK)]
+        if not lows:
+            side = self.sam.image_encoder.img_size // 4  # the decoder's low-res masks
+            return iou.new_empty(0, 3, side, side), iou
+        return torch.cat(lows), iou
 
     def _postprocess(self, low: torch.Tensor, iou: torch.Tensor, input_size: tuple[int, int],
                      orig_size: tuple[int, int], return_masks: bool):
