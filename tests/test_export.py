@@ -26,7 +26,8 @@ def bundle(tmp_path_factory):
 def test_manifest(bundle):
     mf = json.loads((bundle / "manifest.json").read_text())
     assert mf["schema_version"] == 1 and mf["method"] == "corrclip" and mf["backbone"] == "tiny"
-    assert set(mf["graphs"]) == {"dino", "clip_trunk", "corr_head", "clip_text", "sam_encoder", "sam_decoder"}
+    assert set(mf["graphs"]) == {"dino", "clip_trunk", "corr_head", "clip_text", "sam_encoder", "sam_image_terms",
+                                 "sam_prompt_tokens", "sam_prompt_masks"}
     head = mf["graphs"]["corr_head"]
     assert head["dynamic_axes"]["mct"] == {"0": "B", "1": "R"} and head["dynamic_axes"]["text"] == {"0": "Q"}
     assert [i["name"] for i in head["inputs"]] == ["feats", "region_ids", "values", "mct", "mct_index", "text"]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from corrclip.models.sam import embed_points
+from corrclip.models.sam import dense_pe, embed_points
 
 
 class ImageTerms(NamedTuple):
@@ -160,7 +160,7 @@ class SharedDecoder(nn.Module):
 
         with _fp32():
             x0 = image_embeddings[0].float().flatten(1).T + pe.no_mask_embed.weight.float()  # [N, C]
-            pos = pe.get_dense_pe()[0].float().flatten(1).T
+            pos = dense_pe(pe)[0].flatten(1).T
             sc = x0 + b1.cross_attn_image_to_token.out_proj.bias.float()
             sc = sc - sc.mean(-1, keepdim=True)
             g1, beta1 = b1.norm4.weight.float(), b1.norm4.bias.float()
@@ -187,7 +187,7 @@ class SharedDecoder(nn.Module):
                 ecg2_kf=lin(ecg2, fin.k_proj, bias=False).T,
                 pe_kf=lin(pos + beta2, fin.k_proj).T,
                 ecg2_vf=lin(ecg2, fin.v_proj, bias=False),
-                ecg2_up=ecg2 @ _upscale_weight(md),
+                ecg2_up=ecg2 @ _upscale_weight(md).float(),
             )
         # the terms that feed matrix products take the weights' dtype; statistics terms stay float32
         stats = {"sc_sq", "sc_wo1", "ec_sq", "ecg1_wo1", "ec_wo2", "ec_c"}
