@@ -68,7 +68,7 @@ def test_same_masks_as_segment_anything(sam: Sam, case: str) -> None:
         return encoded["x"]
 
     for decoder in DECODERS:
-        gen = MaskGenerator(sam, AmgSettings(decoder=decoder, **common))
+        gen = MaskGenerator.from_sam(sam, AmgSettings(decoder=decoder, **common))
         gen.encoder = encode_once
         got = gen.generate(image)
 
@@ -136,7 +136,8 @@ def test_sam2_label_map() -> None:
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_everything_filtered(sam: Sam, decoder: str) -> None:
-    gen = MaskGenerator(sam, AmgSettings(points_per_side=2, points_per_batch=2, pred_iou_thresh=10.0, decoder=decoder))
+    settings = AmgSettings(points_per_side=2, points_per_batch=2, pred_iou_thresh=10.0, decoder=decoder)
+    gen = MaskGenerator.from_sam(sam, settings)
     labels = gen.label_map(shapes_image(40, 30, 0))
     assert gen.last_counts["after_iou"] == 0 and labels.shape == (40, 30) and not labels.any()
     assert gen.last_counts["upscaled"] == (0 if decoder == "shared" else 12)

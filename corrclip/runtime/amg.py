@@ -10,6 +10,7 @@ which also skips the mask upscaling of prompts whose three masks all fail that f
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from corrclip.kernels import choose
-from corrclip.models.sam import SamDecoder, SamEncoder, sam_preprocess
+from corrclip.models.sam import SamDecoder, SamEncoder, preprocess_image
 from corrclip.models.sam_shared_decoder import SamImageTerms, SamPromptMasks, SamPromptTokens
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
@@ -37,7 +38,8 @@ class AmgSettings:
 
     The defaults follow CorrCLIPv2's SAM option (pred_iou_thresh 0.7, stability_score_thresh 0.7),
     looser than the library's ViT-H defaults (0.88 / 0.95). As in the library, a threshold <= 0
-    switches its filter off entirely. decoder: "shared" (the image-side work once per image) or
+    switches its filter off entirely; for box_nms_thresh too (the library would drop every overlapping
+    box; an IoU threshold of 1 drops none). decoder: "shared" (the image-side work once per image) or
     "reference" (segment_anything's MaskDecoder, once per prompt).
     """
 
@@ -54,6 +56,15 @@ class AmgSettings:
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown SAM decoder {self.decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
+@dataclass
+class SharedStages:
+    """The shared-image decoder's three graphs (models/sam_shared_decoder.py): torch modules or executors."""
+
+    image_terms: Callable  # embeddings [1, C, 64, 64] -> ImageTerms, once per image
+    prompt_tokens: Callable  # (*ImageTerms[:-1], points [P,1,2] float64, labels [P,1]) -> (IoUs [P,3], *MaskFactors)
+    prompt_masks: Callable  # (ImageTerms[-1], *MaskFactors) -> low-res logits [P,3,256,256]
 
 
 @dataclass
@@ -109,54 +120,72 @@ def _sync(device: torch.device) -> float:
 class MaskGenerator:
     """SamAutomaticMaskGenerator (one crop, binary masks) without the per-mask Python work.
 
-    `encoder`, `decoder` (reference) and `image_terms`, `prompt_tokens`, `prompt_masks` (shared) are
-    the graph wrappers; anything with the same call signature (e.g. an exported graph's session adapter)
-    can replace them. The decoders get float64 point coordinates, as in the library: rounding them to
-    float32 first can move a logit across the threshold.
+    `encoder`, `decoder` (segment_anything's, per prompt) and `shared` (the shared-image decoder's three
+    stages) are the graph wrappers; anything with the same call signature (e.g. an exported graph's
+    session adapter) can replace them, and either decoder may be None when only the other is available.
+    settings.decoder picks the one that runs. The decoders get float64 point coordinates, as in the
+    library: rounding them to float32 first can move a logit across the threshold.
     """
 
-    def __init__(self, sam: Sam, settings: AmgSettings | None = None) -> None:
-        self.sam = sam
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], decoder: Callable | None, *, img_size: int,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], device: torch.device | str,
+                 settings: AmgSettings | None = None, shared: SharedStages | None = None) -> None:
+        self.encoder = encoder  # [1,3,S,S] normalized, padded image -> [1,C,64,64] embeddings
+        self.decoder = decoder  # (embeddings, points [P,1,2] float64, labels [P,1]) -> low-res logits, IoUs
+        self.shared = shared
+        self.img_size = img_size
+        self.device = torch.device(device)
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32, device=self.device)
         self.settings = settings or AmgSettings()
-        self.encoder = SamEncoder(sam)
-        self.decoder = SamDecoder(sam)
-        self.image_terms = self.prompt_tokens = self.prompt_masks = None
-        if sam.mask_decoder is not None:  # a torch SAM (the shell of an exported bundle has none)
-            self.image_terms, self.prompt_tokens = SamImageTerms(sam), SamPromptTokens(sam)
-            self.prompt_masks = SamPromptMasks(sam)
         self.last_timings: dict[str, float] = {}
         # masks left after each stage of the last generate(): how strict the settings are in practice
         self.last_counts: dict[str, int] = {}
 
+    @classmethod
+    def from_sam(cls, sam: Sam, settings: AmgSettings | None = None) -> MaskGenerator:
+        """segment_anything's model, its encoder and both decoders as torch graphs."""
+        shared = SharedStages(SamImageTerms(sam), SamPromptTokens(sam), SamPromptMasks(sam))
+        return cls(SamEncoder(sam), SamDecoder(sam), img_size=sam.image_encoder.img_size,
+                   pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist(),
+                   device=sam.device, settings=settings, shared=shared)
+
+    @property
+    def stages(self) -> dict[str, Callable]:
+        """stage name -> the graph it runs (for bench's weight bytes)."""
+        decoder = self.shared.prompt_tokens if self.settings.decoder == "shared" and self.shared else self.decoder
+        return {"masks.sam_encoder": self.encoder, "masks.prompt_decoding": decoder}
+
     def _points(self, h0: int, w0: int) -> torch.Tensor:
         """The library's point grid, scaled to the image, then to the 1024 frame; float64 as there."""
         grid = build_point_grid(self.settings.points_per_side) * np.array([[w0, h0]])
-        coords = ResizeLongestSide(self.sam.image_encoder.img_size).apply_coords(grid, (h0, w0))
-        return torch.as_tensor(coords, device=self.sam.device)
+        coords = ResizeLongestSide(self.img_size).apply_coords(grid, (h0, w0))
+        return torch.as_tensor(coords, device=self.device)
 
     @torch.no_grad()
     def _decode(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encoder once, then the decoder over batches of points. -> low-res logits, IoUs, input size."""
         s = self.settings
-        dev = self.sam.device
+        dev = self.device
         h0, w0 = image.shape[:2]
         t0 = _sync(dev)
-        x, input_size = sam_preprocess(self.sam, image)
+        x, input_size = preprocess_image(image, self.img_size, self.pixel_mean, self.pixel_std)
         t1 = _sync(dev)
         emb = self.encoder(x)
         t2 = _sync(dev)
         points = self._points(h0, w0)
         lows, ious = [], []
         counts = {"masks": 0, "upscaled": 0, "after_iou": 0}
-        terms = self._image_terms(emb) if s.decoder == "shared" else None
+        if (self.shared if s.decoder == "shared" else self.decoder) is None:
+            other = DECODERS[1 - DECODERS.index(s.decoder)]
+            raise ValueError(f"this engine bundle has no graphs for the {s.decoder} SAM decoder: use --sam-decoder "
+                             f"{other}, or re-export the bundle with this version's corrclip-export")
+        terms = tuple(self.shared.image_terms(emb)) if s.decoder == "shared" else None
         for start in range(0, points.shape[0], s.points_per_batch):
             pts = points[start : start + s.points_per_batch, None, :]
             labels = torch.ones(pts.shape[:2], dtype=torch.int32, device=dev)
             counts["masks"] += 3 * pts.shape[0]
             if terms is None:
-                if self.decoder is None:
-                    raise ValueError("this engine bundle has only the shared SAM decoder's graphs: "
-                                     "use --sam-decoder shared")
                 low, iou = self.decoder(emb, pts, labels)
             else:
                 low, iou = self._shared_decode(terms, pts, labels)
@@ -173,35 +202,30 @@ class MaskGenerator:
         self.last_counts = counts
         return torch.cat(lows), torch.cat(ious), input_size
 
-    def _image_terms(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.image_terms is None:
-            raise ValueError("this engine bundle has no graphs for the shared SAM decoder: use "
-                             "--sam-decoder reference, or re-export it with this version's corrclip-export")
-        return tuple(self.image_terms(emb))
-
     def _shared_decode(self, terms: tuple[torch.Tensor, ...], pts: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> low-res logits [P', 3, 256, 256], IoUs [P', 3]. With the IoU filter on, P' counts only the prompts
         with a mask that passes it: the others' masks would be dropped, so they are never upscaled."""
-        iou, *factors = self.prompt_tokens(*terms[:-1], pts, labels)  # the last term is the mask stage's
+        iou, *factors = self.shared.prompt_tokens(*terms[:-1], pts, labels)  # the last term is the mask stage's
         if self.settings.pred_iou_thresh > 0.0:
             wanted = (iou > self.settings.pred_iou_thresh).any(1)
             iou, factors = iou[wanted], [f[wanted] for f in factors]
-        lows = [self.prompt_masks(terms[-1], *(f[i : i + _MASK_CHUNK] for f in factors))
+        lows = [self.shared.prompt_masks(terms[-1], *(f[i : i + _MASK_CHUNK] for f in factors))
                 for i in range(0, iou.shape[0], _MASK_CHUNK)]
         if not lows:
-            side = self.sam.image_encoder.img_size // 4  # the decoder's low-res masks
+            side = self.img_size // 4  # the decoder's low-res masks
             return iou.new_empty(0, 3, side, side), iou
         return torch.cat(lows), iou
 
     def _postprocess(self, low: torch.Tensor, iou: torch.Tensor, input_size: tuple[int, int],
                      orig_size: tuple[int, int], return_masks: bool):
         s = self.settings
-        t0 = _sync(self.sam.device)
-        res = choose("sam_postprocess", self.sam.device)(
+        t0 = _sync(self.device)
+        res = choose("sam_postprocess", self.device)(
             low, iou, input_size, orig_size, s.pred_iou_thresh, s.stability_score_thresh, s.stability_score_offset,
-            s.mask_threshold, s.box_nms_thresh, img_size=self.sam.image_encoder.img_size, return_masks=return_masks)
-        self.last_timings["mask_postprocess"] = _sync(self.sam.device) - t0
+            s.mask_threshold, s.box_nms_thresh if s.box_nms_thresh > 0 else 1.0, img_size=self.img_size,
+            return_masks=return_masks)
+        self.last_timings["mask_postprocess"] = _sync(self.device) - t0
         n = int(res.keep.numel())
         self.last_counts.update(after_stability=res.num_stable, after_nms=n, final=n)
         return res
@@ -211,11 +235,11 @@ class MaskGenerator:
         res = self._postprocess(low, iou, input_size, image.shape[:2], return_masks=True)
         out = MaskSet(res.masks, res.iou_preds, res.stability, res.boxes, res.areas)
         if self.settings.min_mask_region_area > 0:
-            t0 = _sync(self.sam.device)
+            t0 = _sync(self.device)
             s = self.settings
             out = _remove_small_regions(out, s.min_mask_region_area, max(s.box_nms_thresh, _CROP_NMS_THRESH))
             out.areas = out.masks.flatten(1).sum(1)
-            self.last_timings["mask_postprocess"] += _sync(self.sam.device) - t0
+            self.last_timings["mask_postprocess"] += _sync(self.device) - t0
             self.last_counts["final"] = len(out)
         return out
 
