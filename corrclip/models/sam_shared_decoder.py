@@ -261,7 +261,7 @@ class SharedDecoder(nn.Module):
         d = qq.shape[-1]
         keys = t.e_k2, _heads(F.linear(w, att.k_proj.weight), h), t.pe_k2
         # (a functional call: a module called on a parameter trips FlopCounterMode's module tracker)
-        values = t.e_v2, _heads(F.linear(w, att.v_proj.weight), h), F.linear(beta1, *_wb(att.v_proj))
+        values = t.e_v2, _heads(F.linear(w, att.v_proj.weight), h), F.linear(beta1, *_weight_bias(att.v_proj))
         q = blk.norm2(q + att.out_proj(_token_to_image(qq, keys, values, r, a1r)))
         q = blk.norm3(q + blk.mlp(q))
         # image -> token: image queries r1 (E Wq^T + A1^T W Wq^T) + q_proj(P + beta1) against the tokens' keys
@@ -310,9 +310,10 @@ class SharedDecoder(nn.Module):
         att, beta2 = tf.final_attn_token_to_image, tf.layers[1].norm4.bias
         used = [0] + list(range(2, 1 + self.mask_decoder.num_mask_tokens))
         q, pe = q[:, used], tokens[:, used]
-        qq = _heads(att.q_proj(q + pe), self.heads)
-        keys = t.ecg2_kf, _heads(F.linear(right, att.k_proj.weight), self.heads), t.pe_kf
-        values = t.ecg2_vf, _heads(F.linear(right, att.v_proj.weight), self.heads), F.linear(beta2, *_wb(att.v_proj))
+        h = self.heads
+        qq = _heads(att.q_proj(q + pe), h)
+        keys = t.ecg2_kf, _heads(F.linear(right, att.k_proj.weight), h), t.pe_kf
+        values = t.ecg2_vf, _heads(F.linear(right, att.v_proj.weight), h), F.linear(beta2, *_weight_bias(att.v_proj))
         return tf.norm_final_attn(q + att.out_proj(_token_to_image(qq, keys, values, scale, left)))
 
     # ---- per prompt whose masks are wanted: output_upscaling and the hypernetwork product ----
@@ -339,7 +340,7 @@ class SharedDecoder(nn.Module):
         return masks.reshape(p, -1, 4 * gh, 4 * gw)
 
 
-def _wb(layer: nn.Linear) -> tuple[Tensor, Tensor]:
+def _weight_bias(layer: nn.Linear) -> tuple[Tensor, Tensor]:
     return layer.weight, layer.bias
 
 
