@@ -121,18 +121,19 @@ def _low_rank_scores(x: Tensor, rows: Tensor, left: Tensor) -> Tensor:
 
 def _token_to_image(q: Tensor, keys: tuple[Tensor, Tensor, Tensor], values: tuple[Tensor, Tensor, Tensor],
                     scale: Tensor, left: Tensor) -> Tensor:
-    """Attention of token queries q [P, T, H, d] to image tokens that are, after a linear map,
-    scale * shared + left^T rows + const, for keys (shared_t [I, N], rows, positional part [I, N]) and
-    values (shared [N, I], rows, const [I]). scale: [P, N], left: [P, K, N], rows: [P, K, H, d]. -> [P, T, I]."""
+    """Attention of token queries q [P, T, H, d] (already divided by sqrt(d)) to image tokens that are, after
+    a linear map, scale * shared + left^T rows + const, for keys (shared_t [I, N], rows, positional part
+    [I, N]) and values (shared [N, I], rows, const [I]). scale: [P, N], left: [P, K, N], rows: [P, K, H, d].
+    -> [P, T, I]. Scores and weights stay head-major, [H, P, T, N], with pixels innermost."""
     shared_k, rows_k, pos_k = keys
     shared_v, rows_v, const_v = values
-    p, t, h, d = q.shape
-    s = _low_rank_scores(q, rows_k, left)
-    s = s + (_shared_scores(q, shared_k) * scale[None, :, None, :] + _shared_scores(q, pos_k)).transpose(0, 1)
-    attn = (s / math.sqrt(d)).softmax(-1)  # [P, H, T, N]
-    mixed = torch.bmm(attn.flatten(1, 2), left.mT).view(p, h, t, -1)  # attention-weighted left factors
-    out = torch.einsum("phtk,pkhd->pthd", mixed, rows_v).flatten(-2)
-    return out + _shared_values((attn * scale[:, None, None, :]).transpose(0, 1), shared_v) + const_v
+    h = q.shape[2]
+    s = torch.addcmul(_shared_scores(q, pos_k), _shared_scores(q, shared_k), scale[None, :, None, :])
+    s += _low_rank_scores(q, rows_k, left).transpose(0, 1)
+    attn = s.softmax(-1)
+    mixed = torch.stack([torch.bmm(attn[i], left.mT) for i in range(h)], 2)  # [P, T, H, K], per head
+    out = torch.einsum("pthk,pkhd->pthd", mixed, rows_v).flatten(-2)
+    return out + _shared_values(attn * scale[None, :, None, :], shared_v) + const_v
 
 
 class SharedDecoder(nn.Module):
@@ -206,8 +207,8 @@ class SharedDecoder(nn.Module):
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens[None].expand(p, -1, -1), sparse], 1)  # [P, T, C]: also the tokens' PE
         q, a1, vt1, u1, r1 = self._block1(terms, tokens)
-        q, a2, vt2, u2 = self._block2(terms, tokens, q, a1, u1, r1)
-        scale, left, right = self._block2_norm(terms, a1, vt1, u1, r1, a2, vt2, u2)
+        q, a1r, a2, vt2, u2 = self._block2(terms, tokens, q, a1, u1, r1)
+        scale, left, right = self._block2_norm(terms, a1r, vt1, u1, r1, a2, vt2, u2)
         q = self._final_attention(terms, tokens, q, scale, left, right)
         iou = md.iou_prediction_head(q[:, 0])[:, 1:]
         hyper = torch.stack([md.output_hypernetworks_mlps[i](q[:, i]) for i in range(1, md.num_mask_tokens)], 1)
@@ -223,14 +224,14 @@ class SharedDecoder(nn.Module):
         q = blk.norm1(blk.self_attn(q=tokens, k=tokens, v=tokens))
         att = blk.cross_attn_token_to_image
         qq = _heads(att.q_proj(q + tokens), h)
-        d = qq.shape[-1]
-        attn = (_shared_scores(qq, t.k1) / math.sqrt(d)).softmax(-1)
+        qq = qq / math.sqrt(qq.shape[-1])  # the attention's scaling, on the small side of each product
+        attn = _shared_scores(qq, t.k1).softmax(-1)
         q = blk.norm2(q + att.out_proj(_shared_values(attn, t.v1)))
         q = blk.norm3(q + blk.mlp(q))
         # image -> token: per pixel and head, a softmax over the T tokens (dim 2, with pixels innermost)
         att = blk.cross_attn_image_to_token
         kt, vt = _heads(att.k_proj(q + tokens), h), _heads(att.v_proj(q), h)
-        a1 = (_shared_scores(kt, t.q1) / math.sqrt(d)).softmax(2)  # [H, P, T, N]
+        a1 = _shared_scores(kt / math.sqrt(kt.shape[-1]), t.q1).softmax(2)  # [H, P, T, N]
         u1 = torch.einsum("pthd,chd->phtc", vt, _heads(att.out_proj.weight, h)).flatten(1, 2)  # [P, K, C]
         with _fp32():  # norm4: var = (|Sc|^2 + 2 A.(Sc U^T) + A (Uc Uc^T) A^T) / C
             cross = (a1.float() * _shared_scores(vt.float(), t.sc_wo1)).sum((0, 2))
@@ -246,7 +247,7 @@ class SharedDecoder(nn.Module):
                 r1: Tensor) -> tuple[Tensor, ...]:
         """Block 2 on keys1 = r1 (E + A1^T W) + beta1, W = (U1 centred) * gamma1, never formed per prompt.
 
-        -> tokens, A2 [P, K, N], the tokens' values [P, T, H, d], U2 [P, K, C].
+        -> tokens, r1 A1 [P, K, N], A2 [P, K, N], the tokens' values [P, T, H, d], U2 [P, K, C].
         """
         tf = self.mask_decoder.transformer
         blk, g1, beta1 = tf.layers[1], tf.layers[0].norm4.weight, tf.layers[0].norm4.bias
@@ -258,7 +259,7 @@ class SharedDecoder(nn.Module):
         q = blk.norm1(q + blk.self_attn(q=sa, k=sa, v=q))
         att = blk.cross_attn_token_to_image
         qq = _heads(att.q_proj(q + tokens), h)
-        d = qq.shape[-1]
+        qq = qq / math.sqrt(qq.shape[-1])
         keys = t.e_k2, _heads(F.linear(w, att.k_proj.weight), h), t.pe_k2
         # (a functional call: a module called on a parameter trips FlopCounterMode's module tracker)
         values = t.e_v2, _heads(F.linear(w, att.v_proj.weight), h), F.linear(beta1, *_weight_bias(att.v_proj))
@@ -267,13 +268,15 @@ class SharedDecoder(nn.Module):
         # image -> token: image queries r1 (E Wq^T + A1^T W Wq^T) + q_proj(P + beta1) against the tokens' keys
         att = blk.cross_attn_image_to_token
         kt, vt = _heads(att.k_proj(q + tokens), h), _heads(att.v_proj(q), h)
-        s = _low_rank_scores(kt, _heads(F.linear(w, att.q_proj.weight), h), a1r)
-        s = s + (_shared_scores(kt, t.e_q2) * r[None, :, None, :] + _shared_scores(kt, t.pe_q2)).transpose(0, 1)
-        a2 = (s / math.sqrt(d)).softmax(2).flatten(1, 2)  # [P, K, N]
+        kt = kt / math.sqrt(kt.shape[-1])
+        s = _low_rank_scores(kt, _heads(F.linear(w, att.q_proj.weight), h), a1r)  # [P, H, T, N]
+        s.addcmul_(_shared_scores(kt, t.e_q2).transpose(0, 1), r[:, None, None, :])
+        s += _shared_scores(kt, t.pe_q2).transpose(0, 1)
+        a2 = s.softmax(2).flatten(1, 2)  # [P, K, N]
         u2 = torch.einsum("pthd,chd->phtc", vt, _heads(att.out_proj.weight, h)).flatten(1, 2)
-        return q, a2, vt, u2
+        return q, a1r, a2, vt, u2
 
-    def _block2_norm(self, t: ImageTerms, a1: Tensor, vt1: Tensor, u1: Tensor, r1: Tensor, a2: Tensor, vt2: Tensor,
+    def _block2_norm(self, t: ImageTerms, a1r: Tensor, vt1: Tensor, u1: Tensor, r1: Tensor, a2: Tensor, vt2: Tensor,
                      u2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Block 2's norm4 of r1 (Ec + A1^T Wc) + A2^T U2c + cc (all centred; c = beta1 + bo2) = r1 Ec + L^T R,
         with L = [r1 A1; A2; 1] [P, K2, N] and R = [Wc; U2c; cc] [P, K2, C].
@@ -283,20 +286,21 @@ class SharedDecoder(nn.Module):
         tf = self.mask_decoder.transformer
         g1, beta1 = tf.layers[0].norm4.weight.float(), tf.layers[0].norm4.bias.float()
         norm = tf.layers[1].norm4
-        dtype = a1.dtype
+        dtype = a2.dtype
         with _fp32():
-            u1, u2, a1, a2 = u1.float(), u2.float(), a1.float(), a2.float()
-            p, _, n = a1.shape
+            u1, u2, a1r, a2 = u1.float(), u2.float(), a1r.float(), a2.float()
+            p, _, n = a2.shape
+            h = self.heads
             mu1 = u1.mean(-1, keepdim=True)
             wc = (u1 - mu1) * g1
             c = beta1 + tf.layers[1].cross_attn_image_to_token.out_proj.bias.float()
             right = torch.cat([wc - wc.mean(-1, keepdim=True), u2 - u2.mean(-1, keepdim=True),
                                (c - c.mean()).expand(p, 1, -1)], 1)
-            left = torch.cat([a1 * r1[:, None, :], a2, a1.new_ones(p, 1, n)], 1)
+            left = torch.cat([a1r, a2, a2.new_ones(p, 1, n)], 1)
             # <Ec, L^T R> from the shared products: Ec Wc^T = (Ec g1) (U1 centred)^T, Ec U2^T, Ec . c
-            x1 = (a1 * _shared_scores(vt1.float(), t.ecg1_wo1).transpose(0, 1).flatten(1, 2)).sum(1)
-            x2 = (a2 * _shared_scores(vt2.float(), t.ec_wo2).transpose(0, 1).flatten(1, 2)).sum(1)
-            cross = r1 * x1 + x2 + t.ec_c
+            x1 = (a1r.view(p, h, -1, n) * _shared_scores(vt1.float(), t.ecg1_wo1).transpose(0, 1)).sum((1, 2))
+            x2 = (a2.view(p, h, -1, n) * _shared_scores(vt2.float(), t.ec_wo2).transpose(0, 1)).sum((1, 2))
+            cross = x1 + x2 + t.ec_c
             quad = (torch.bmm(right @ right.mT, left) * left).sum(1)
             var = (r1.square() * t.ec_sq + 2 * r1 * cross + quad) / right.shape[-1]
             r2 = torch.rsqrt(var.clamp(min=0) + norm.eps)
@@ -312,6 +316,7 @@ class SharedDecoder(nn.Module):
         q, pe = q[:, used], tokens[:, used]
         h = self.heads
         qq = _heads(att.q_proj(q + pe), h)
+        qq = qq / math.sqrt(qq.shape[-1])
         keys = t.ecg2_kf, _heads(F.linear(right, att.k_proj.weight), h), t.pe_kf
         values = t.ecg2_vf, _heads(F.linear(right, att.v_proj.weight), h), F.linear(beta2, *_weight_bias(att.v_proj))
         return tf.norm_final_attn(q + att.out_proj(_token_to_image(qq, keys, values, scale, left)))
@@ -331,7 +336,8 @@ class SharedDecoder(nn.Module):
         beta2 = md.transformer.layers[1].norm4.bias
         w1 = _upscale_weight(md)
         const = beta2 @ w1 + up1.bias.repeat(4)
-        x = torch.baddbmm(f.scale[..., None] * ecg2_up + const, f.left.mT, f.right @ w1)  # [P, N, (a, b, C/4)]
+        x = torch.addcmul(const, f.scale[..., None], ecg2_up)
+        x.baddbmm_(f.left.mT, f.right @ w1)  # [P, N, (a, b, C/4)]
         x = act1(F.layer_norm(x.view(p, -1, up1.out_channels), (up1.out_channels,), norm.weight, norm.bias, norm.eps))
         w2 = up2.weight.permute(0, 2, 3, 1).flatten(1)  # [C/4, (a', b', C/8)]
         x = act2(torch.addmm(up2.bias.repeat(4), x.view(-1, up1.out_channels), w2))
