@@ -28,7 +28,7 @@ from corrclip.models.sam_shared_decoder import SamImageTerms, SamPromptMasks, Sa
 # min_mask_region_area pass, which uses max(box_nms_thresh, crop_nms_thresh).
 _CROP_NMS_THRESH = 0.7
 # The shared decoder's mask stage holds ~12 MB per prompt (vit_b, float32); chunks bound the peak memory.
-_MASK_CHUNK = 64
+_MASK_CHUNK = 32
 DECODERS = ("shared", "reference")
 
 
