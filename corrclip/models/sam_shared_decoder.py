@@ -336,8 +336,8 @@ class SharedDecoder(nn.Module):
         beta2 = md.transformer.layers[1].norm4.bias
         w1 = _upscale_weight(md)
         const = beta2 @ w1 + up1.bias.repeat(4)
-        x = torch.addcmul(const, f.scale[..., None], ecg2_up)
-        x.baddbmm_(f.left.mT, f.right @ w1)  # [P, N, (a, b, C/4)]
+        x = torch.baddbmm(const, f.left.mT, f.right @ w1)  # [P, N, (a, b, C/4)] (not in place: FLOPs are counted)
+        x.addcmul_(f.scale[..., None], ecg2_up)
         x = act1(F.layer_norm(x.view(p, -1, up1.out_channels), (up1.out_channels,), norm.weight, norm.bias, norm.eps))
         w2 = up2.weight.permute(0, 2, 3, 1).flatten(1)  # [C/4, (a', b', C/8)]
         x = act2(torch.addmm(up2.bias.repeat(4), x.view(-1, up1.out_channels), w2))
