@@ -141,3 +141,11 @@ def test_everything_filtered(sam: Sam, decoder: str) -> None:
     labels = gen.label_map(shapes_image(40, 30, 0))
     assert gen.last_counts["after_iou"] == 0 and labels.shape == (40, 30) and not labels.any()
     assert gen.last_counts["upscaled"] == (0 if decoder == "shared" else 12)
+
+
+def test_box_nms_off(sam: Sam) -> None:
+    """box_nms_thresh <= 0 switches NMS off like the other filters (the library would drop every overlap)."""
+    off = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    gen = MaskGenerator.from_sam(sam, AmgSettings(box_nms_thresh=0.0, **off))
+    gen.label_map(shapes_image(40, 30, 0))
+    assert gen.last_counts["after_nms"] == gen.last_counts["masks"] == 12

@@ -151,6 +151,9 @@ class SharedDecoder(nn.Module):
     # ---- once per image ----
     def image_terms(self, image_embeddings: Tensor) -> ImageTerms:
         """image_embeddings [1, C, h, w] -> ImageTerms. Runs in float32 with autocast off (once per image)."""
+        if image_embeddings.shape[0] != 1:
+            raise ValueError(f"the shared decoder takes one image's embeddings, [1, C, h, w]; got "
+                             f"{list(image_embeddings.shape)}: call it once per image")
         pe = self.prompt_encoder
         md = self.mask_decoder
         b1, b2, fin = md.transformer.layers[0], md.transformer.layers[1], md.transformer.final_attn_token_to_image
