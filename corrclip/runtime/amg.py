@@ -27,8 +27,10 @@ from corrclip.models.sam_shared_decoder import SamImageTerms, SamPromptMasks, Sa
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
 # min_mask_region_area pass, which uses max(box_nms_thresh, crop_nms_thresh).
 _CROP_NMS_THRESH = 0.7
-# The shared decoder's mask stage holds ~12 MB per prompt (vit_b, float32); chunks bound the peak memory.
-_MASK_CHUNK = 32
+# Prompts per call of the shared decoder's mask stage (~12 MB of tensors per prompt at vit_b, float32):
+# on a CPU, where memory bandwidth bounds this stage, a couple at a time stay in cache; GPUs want batches.
+_MASK_CHUNK = {"cpu": 2}
+_MASK_CHUNK_OTHER = 64
 DECODERS = ("shared", "reference")
 
 
@@ -210,8 +212,9 @@ class MaskGenerator:
         if self.settings.pred_iou_thresh > 0.0:
             wanted = (iou > self.settings.pred_iou_thresh).any(1)
             iou, factors = iou[wanted], [f[wanted] for f in factors]
-        lows = [self.shared.prompt_masks(terms[-1], *(f[i : i + _MASK_CHUNK] for f in factors))
-                for i in range(0, iou.shape[0], _MASK_CHUNK)]
+        chunk = _MASK_CHUNK.get(self.device.type, _MASK_CHUNK_OTHER)
+        lows = [self.shared.prompt_masks(terms[-1], *(f[i : i + chunk] for f in factors))
+                for i in range(0, iou.shape[0], chunk)]
         if not lows:
             side = self.img_size // 4  # the decoder's low-res masks
             return iou.new_empty(0, 3, side, side), iou
