@@ -22,9 +22,8 @@ class CorrClip:
     name = "corrclip"
     needs_masks = True
 
-    def __init__(self, dino: Callable, trunk: Callable, head: Callable, patch: int, merge: Callable | None = None):
+    def __init__(self, dino: Callable, trunk: Callable, head: Callable, patch: int):
         self.dino, self.trunk, self.head, self.patch = dino, trunk, head, patch
-        self.merge_kw = {} if merge is None else {"merge": merge}
 
     def encode(self, windows: torch.Tensor, masks: torch.Tensor | None, text: torch.Tensor, s: Settings,
                timer: StageTimer) -> tuple[torch.Tensor, None]:
@@ -32,8 +31,7 @@ class CorrClip:
         with timer("dino"):
             feats = self.dino(windows)
         with timer("regions"):
-            reg = window_regions(masks, feats, (h // 8, w // 8), (h // self.patch, w // self.patch), s.merge_eps,
-                                 **self.merge_kw)
+            reg = window_regions(masks, feats, (h // 8, w // 8), (h // self.patch, w // self.patch), s.merge_eps)
         with timer("clip_trunk"):
             values, mct = self.trunk(windows, reg.membership)
         with timer("corr_head"):
@@ -91,8 +89,6 @@ class Cliptrase:
 
 def build_method(name: str, models, device: torch.device):
     """The torch-backend method objects from built models (corrclip.models.build.Models)."""
-    from ..kernels import choose
-
     visual = models.clip.visual
     patch = visual.conv1.kernel_size[0]
     if name == "corrclip":
@@ -100,9 +96,7 @@ def build_method(name: str, models, device: torch.device):
         from ..models.corr_head import CorrHead
         from ..models.dino import DinoFeatures
 
-        head = CorrHead(visual)
-        head.attention = choose("masked_correlation_attention", device)  # Triton on CUDA
-        return CorrClip(DinoFeatures(models.dino), ClipTrunk(visual), head, patch, choose("merge_regions", device))
+        return CorrClip(DinoFeatures(models.dino), ClipTrunk(visual), CorrHead(visual), patch)
     if name == "sc-clip":
         from ..models.scclip import ScClipConfig, ScClipDense
 
