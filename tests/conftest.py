@@ -5,12 +5,16 @@ a side effect. Without a GPU only the interpreter works, so set it before anythi
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Caches (text embeddings) go to a fresh folder per session: no state from the user's ~/.cache leaks in.
+os.environ["CORRCLIP_CACHE"] = tempfile.mkdtemp(prefix="corrclip-test-cache-")
 
 from triton_support import device_skip_reason  # noqa: E402  (after TRITON_INTERPRET is settled)
 
