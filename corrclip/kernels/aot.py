@@ -46,6 +46,7 @@ class Report:
     op: str
     kernel: str
     arch: int
+    dtype: str  # of the first floating-point tensor argument (what the products run in)
     config: str
     registers: int
     spill_stores: int
@@ -142,11 +143,11 @@ def check(op: str, launch: triton_common.Launch, arch: int) -> Report:
         problems.append(f"{shared} B shared memory > {chip.smem_per_block} B a block")
     if blocks < 1:
         problems.append("does not fit one block on an SM")
-    half = any(isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in launch.args)
-    if half and "tl.dot" in launch.kernel.src and not cores:
+    dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    if dtype in (torch.float16, torch.bfloat16) and "tl.dot" in launch.kernel.src and not cores:
         problems.append("half-precision tl.dot without tensor-core instructions")
-    return Report(op, launch.kernel.__name__, arch, _describe(launch), regs, stores, loads, stack, shared, threads,
-                  cores, blocks, problems)
+    return Report(op, launch.kernel.__name__, arch, str(dtype).removeprefix("torch."), _describe(launch), regs, stores,
+                  loads, stack, shared, threads, cores, blocks, problems)
 
 
 def unique_launches() -> list[tuple[str, triton_common.Launch]]:
@@ -162,10 +163,10 @@ def unique_launches() -> list[tuple[str, triton_common.Launch]]:
 
 
 def markdown(reports: list[Report]) -> str:
-    lines = ["| op | kernel | arch | config | regs | spills (st/ld B) | smem B | threads | matrix | blocks/SM | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | kernel | arch | dtype | config | regs | spills (st/ld B) | smem B | threads | matrix | blocks/SM "
+             "| ok |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        lines.append(f"| {r.op} | {r.kernel} | sm_{r.arch} | {r.config} | {r.registers} | {r.spill_stores}/"
+        lines.append(f"| {r.op} | {r.kernel} | sm_{r.arch} | {r.dtype} | {r.config} | {r.registers} | {r.spill_stores}/"
                      f"{r.spill_loads} | {r.shared} | {r.threads} | {r.tensor_cores or '-'} | {r.blocks_per_sm} | "
                      f"{'; '.join(r.problems) or 'yes'} |")
     return "\n".join(lines)
