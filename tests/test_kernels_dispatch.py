@@ -160,6 +160,14 @@ def test_failure_falls_back_once(monkeypatch):
         dispatch.reset_failures()
     assert kernels.use_fused("merge_regions", like("cuda")) == dispatch.TRITON_INSTALLED
 
+    def out_of_memory(*a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(module, fused_name, out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not a kernel fault: no fallback, nothing remembered
+        torch.ops.corrclip.merge_regions(*args)
+    assert kernels.use_fused("merge_regions", like("cuda")) == dispatch.TRITON_INSTALLED
+
 
 def test_launches_on_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device: run_fused makes it the inputs' one (tensors on cuda:1)."""
