@@ -77,15 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"corrclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
+    from . import label
     from .bench import add_parser as bench_parser
+    from .evaluation import run as evaluation
 
     bench_parser(sub)
+    evaluation.add_parser(sub)
+    label.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
             from .bench import run
 
             return run(args)
+        if args.command in ("eval", "label"):
+            return {"eval": evaluation, "label": label}[args.command].run(args)
         return _segment(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
