@@ -27,6 +27,10 @@ class RayMissing(RuntimeError):
     pass
 
 
+class RayRunError(RuntimeError):
+    """The Ray pipeline itself failed (a worker could not start, a node died): one line, then the logs."""
+
+
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
                    help="run on Ray Data: a local Ray started on demand (no ADDRESS), or a running cluster "
@@ -145,8 +149,14 @@ def run_ray(job: Job, tasks: list[dict], address: str, workers: int | None = Non
     ds = ds.map_batches(_SegmentActor, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=replicas), **actor)
     ds = ds.map(_write_stage, fn_kwargs={"job": job}, num_cpus=0.5)
-    for row in ds.iter_rows():
-        yield json.loads(row["result"]), json.loads(row["meta"])
+    try:
+        for row in ds.iter_rows():
+            yield json.loads(row["result"]), json.loads(row["meta"])
+    except ray.exceptions.RayError as e:
+        # Ray's message carries remote tracebacks; the cause is on its last line.
+        cause = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        raise RayRunError(f"the Ray pipeline failed: {cause.strip()} (full traceback in the Ray logs, "
+                          "/tmp/ray/session_latest/logs on the head node)") from None
 
 
 def ray_info() -> dict:

@@ -221,7 +221,7 @@ def _write(task: dict, image, labels: np.ndarray, timings: dict, meta: dict, *, 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .distributed import RayMissing, connect, require_ray, run_ray
+    from .distributed import RayMissing, RayRunError, connect, require_ray, run_ray
     from .engine.bundle import BundleError
     from .jobs import Job, Worker, needs_masks, run_local
     from .models.checkpoints import WeightsError
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             if first is not None:  # build the model only when there is work
                 for result, worker_meta in run_local(job, itertools.chain([first], tasks), Worker(job)):
                     collect(result, worker_meta)
-    except (WeightsError, BundleError, RayMissing, SourceError) as e:
+    except (WeightsError, BundleError, RayMissing, RayRunError, SourceError) as e:
         return _fail(e)
     except KeyboardInterrupt:
         bar.close()

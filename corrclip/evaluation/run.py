@@ -80,7 +80,7 @@ def _fail(msg: object) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..distributed import RayMissing, ray_info, require_ray, run_ray
+    from ..distributed import RayMissing, RayRunError, ray_info, require_ray, run_ray
     from ..engine.bundle import BundleError
     from ..jobs import Job, Worker, needs_masks, run_local
     from ..models.checkpoints import WeightsError
@@ -133,23 +133,18 @@ def run(args: argparse.Namespace) -> int:
     except (WeightsError, BundleError, ValueError) as e:
         return _fail(e)
     total = np.zeros((4, layout.num_classes), np.int64)
-    bar = tqdm(total=len(samples), desc=f"eval {args.preset}", unit="img", dynamic_ncols=True)
+    bar = None
     try:
-        for sample, pred in done:
-            # Resumed images count from their saved predictions, exactly as new ones do.
+        # Resumed images count from their saved predictions and labels, exactly as new ones do.
+        for sample, pred in tqdm(done, desc="re-reading saved predictions", unit="img", disable=len(done) < 100):
             total += _areas(pred, sample.label, layout.reduce_zero_label, layout.num_classes)
-            bar.update()
+        bar = tqdm(total=len(samples), initial=len(done), desc=f"eval {args.preset}", unit="img", dynamic_ncols=True)
         meta = None
         if tasks:
-            if args.ray:
-                results = run_ray(job, tasks, args.ray, args.workers)
-            else:
-                results = run_local(job, tasks, worker)
+            results = run_ray(job, tasks, args.ray, args.workers) if args.ray else run_local(job, tasks, worker)
             for result, meta in results:
                 if "error" in result:
-                    kept = bar.n
-                    bar.close()
-                    return _fail(f"{result['error']} ({kept} predictions are kept in {pred_dir}; fix this and run "
+                    return _fail(f"{result['error']} ({bar.n} predictions are kept in {pred_dir}; fix this and run "
                                  "the same command again to continue)")
                 if bar.n == len(done):
                     record_in_run_file(args.out, meta=meta)
@@ -157,10 +152,11 @@ def run(args: argparse.Namespace) -> int:
                 bar.update()
         else:
             meta = json.loads((args.out / "run.json").read_text()).get("meta") or Worker(job).meta
-    except (DatasetError, WeightsError, BundleError, RayMissing, ValueError) as e:
-        bar.close()
+    except (DatasetError, WeightsError, BundleError, RayMissing, RayRunError, ValueError) as e:
         return _fail(e)
-    bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
 
     metrics = summarize(total, list(vocab.names))
     report = _report(args, dataset, len(samples), metrics, meta, time.perf_counter() - started, len(done))
