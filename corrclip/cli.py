@@ -109,9 +109,10 @@ def _segment(args: argparse.Namespace) -> int:
     from .api import Segmenter
     from .engine.bundle import BundleError
     from .models.checkpoints import WeightsError
+    from .outputs import write_segmentation
     from .presets import dataset_settings
     from .runtime.image_io import ImageError, decode_image, load_label_map
-    from .runtime.visualize import make_palette, overlay, save_label_png, summary
+    from .runtime.visualize import make_palette
     from .vocab import VocabularyError, benchmark_vocabulary, load_classes_file, parse_classes
 
     try:
@@ -162,15 +163,11 @@ def _segment(args: argparse.Namespace) -> int:
             failures.append(f"{path}: {e}")
             tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        stem = path.stem
-        save_label_png(args.out / f"{stem}_labels.png", result.labels, palette)
-        overlay(image, result.labels, result.names, palette).save(args.out / f"{stem}_overlay.png")
-        info = summary(result.names, result.labels, result.timings,
-                       {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
-                        "engine": str(args.engine) if args.engine else None,
-                        "method": seg.method, "random_weights": weights == "random",
-                        "settings": settings.__dict__})
-        (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
+        write_segmentation(args.out, path.stem, image, result.labels, result.names, palette, result.timings,
+                           {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
+                            "engine": str(args.engine) if args.engine else None,
+                            "method": seg.method, "random_weights": weights == "random",
+                            "settings": settings.__dict__})
         for k, v in result.timings.items():
             totals[k] = totals.get(k, 0.0) + v
         tqdm.write(_time_line(path, result.timings))

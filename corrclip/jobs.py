@@ -49,8 +49,9 @@ class Worker:
         self.job = job
         self.seg = segmenter if segmenter is not None else build_segmenter(job.model_args)
         self.settings = settings_for(self.seg, job.preset, **job.overrides)
-        self.meta = {"method": self.seg.method, "backbone": self.seg.backbone.name,
-                     "identity": dict(self.seg.identity), "settings": asdict(self.settings)}
+        engine = getattr(job.model_args, "engine", None)
+        self.meta = {"method": self.seg.method, "backbone": self.seg.backbone.name, "identity": dict(self.seg.identity),
+                     "engine": str(engine) if engine else None, "settings": asdict(self.settings)}
 
     def __call__(self, image: np.ndarray, masks: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         run = getattr(self.seg, "run", None) or self.seg.pipeline  # Segmenter.run once issue 9 lands

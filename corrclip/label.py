@@ -106,7 +106,7 @@ def _walk(folder: Path) -> Iterator[str]:
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
-        if e.is_dir():
+        if e.is_dir(follow_symlinks=False):  # as os.walk: linked folders are not entered (no cycles)
             yield from _walk(Path(e.path))
         elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
             yield e.path
@@ -211,8 +211,8 @@ def _write(task: dict, image, labels: np.ndarray, timings: dict, meta: dict, *, 
     from .runtime.visualize import make_palette
 
     info = {"file": task["source"], "backbone": meta["backbone"], "weights": meta["identity"],
-            "method": meta["method"], "random_weights": "random" in json.dumps(meta["identity"]),
-            "settings": meta["settings"]}
+            "engine": meta["engine"], "method": meta["method"],
+            "random_weights": "random" in json.dumps(meta["identity"]), "settings": meta["settings"]}
     write_segmentation(Path(task["folder"]), task["name"], image, labels, names, make_palette(max(256, len(names))),
                        timings, info, with_overlay=with_overlay, with_json=with_json)
     return {"task": task, "shape": list(labels.shape), "counts": _class_counts(labels)}
