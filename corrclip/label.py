@@ -241,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
         _check_sources(args.sources)
         if args.masks and not args.masks.is_dir():
             raise SourceError(f"{args.masks}: --masks folder not found")
-        claim_output_folder(args.out, run_config(args, RUN_ONLY), "labels")
+        index_file = args.out / INDEX
+        started_before = index_file.is_file() and index_file.stat().st_size > 0
+        claim_output_folder(args.out, run_config(args, RUN_ONLY), "labels", started_before)
     except (VocabularyError, SourceError, OutputError, RayMissing, ValueError, OSError) as e:
         return _fail(e)
     if not args.masks and needs_masks(args):

@@ -56,16 +56,13 @@ def write_segmentation(folder: Path, name: str, image: np.ndarray, labels: np.nd
     return path
 
 
-def claim_output_folder(out: Path, config: Mapping[str, Any], what: str) -> bool:
-    """Records the run's settings in OUT/run.json, or checks them against a previous run's.
-
-    Resuming into a folder written with other settings would mix two runs' outputs, so that is
-    refused. Returns True when a previous run's settings were found (a resume).
-    """
+def claim_output_folder(out: Path, config: Mapping[str, Any], what: str, has_outputs: bool) -> None:
+    """Records the run's settings in OUT/run.json, or checks them against those of the run whose
+    outputs (`has_outputs`) are already there: resuming with other settings would mix two runs."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN_FILE
     config = json.loads(json.dumps(dict(config), default=str))  # the form it has once read back
-    if path.is_file():
+    if has_outputs and path.is_file():
         try:
             before = json.loads(path.read_text()).get("config", {})
         except (json.JSONDecodeError, AttributeError):
@@ -75,9 +72,8 @@ def claim_output_folder(out: Path, config: Mapping[str, Any], what: str) -> bool
         if changed:
             raise OutputError(f"{out} holds {what} of a run with other settings ({'; '.join(changed)}); use another "
                               f"--out, or delete {path} to mix them")
-        return True
+        return
     atomic_save(path, lambda tmp: tmp.write_text(json.dumps({"config": config}, indent=2)))
-    return False
 
 
 def run_config(args: Any, exclude: set[str]) -> dict[str, Any]:

@@ -100,6 +100,9 @@ def test_interrupted_run_resumes_to_the_same_metric(tmp_path, few_templates, mon
 def test_resume_with_other_settings_is_refused(tmp_path, few_templates, capsys):
     _, masks, _ = make_dataset(tmp_path / "data", "voc20", n=1)
     out = tmp_path / "out"
+    # A run that failed before writing any prediction does not tie the folder to its settings.
+    assert _eval(tmp_path, "voc20", out, "--masks", str(masks), "--clip-weights", str(tmp_path / "no.pt")) == 2
+    assert "no.pt" in capsys.readouterr().err
     assert _eval(tmp_path, "voc20", out, "--masks", str(masks)) == 0
     assert _eval(tmp_path, "voc20", out, "--masks", str(masks), "--prob-thd", "0.5") == 2
     err = capsys.readouterr().err

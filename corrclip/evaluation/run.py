@@ -112,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
     if vocab.num_classes != layout.num_classes:
         return _fail(f"{args.preset}: the class file has {vocab.num_classes} classes, the dataset {layout.num_classes}")
     overrides = {"prob_thd": args.prob_thd} if args.prob_thd is not None else {}
+    pred_dir = args.out / "predictions"
     try:
-        claim_output_folder(args.out, run_config(args, RUN_ONLY), "predictions")
+        started_before = pred_dir.is_dir() and next(pred_dir.rglob("*.png"), None) is not None
+        claim_output_folder(args.out, run_config(args, RUN_ONLY), "predictions", started_before)
     except OutputError as e:
         return _fail(e)
-    pred_dir = args.out / "predictions"
     tasks, done = [], []
     for sample, mask in zip(samples, masks, strict=True):
         pred = pred_dir / f"{sample.id}.png"
