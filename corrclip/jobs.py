@@ -37,37 +37,37 @@ class Job:
     read: Callable[[dict], tuple[np.ndarray, np.ndarray | None]]  # task -> (RGB image, region map or None)
     write: Callable[[dict, np.ndarray, np.ndarray, dict, dict], dict]  # (task, image, labels, timings, meta) -> result
     overrides: dict[str, Any] = field(default_factory=dict)
+    masks_given: bool = False  # every image brings a region map: no SAM is built (unless --sam names one)
     write_needs_image: bool = False  # Ray: ship the decoded image on to the write stage
 
 
 class Worker:
     """One model replica and the settings it runs with."""
 
-    def __init__(self, job: Job, segmenter=None):
-        from .cli_args import build_segmenter
+    def __init__(self, job: Job, *, warn: bool = False):
+        from .cli_args import build_segmenter, warn_if_random
 
         self.job = job
-        self.seg = segmenter if segmenter is not None else build_segmenter(job.model_args)
-        self.settings = settings_for(self.seg, job.preset, **job.overrides)
-        engine = getattr(job.model_args, "engine", None)
+        self.seg = build_segmenter(job.model_args, masks_given=job.masks_given)
+        if warn:
+            warn_if_random(self.seg)
+        self.settings = self.seg.settings_for(job.preset, **job.overrides)
+        engine = job.model_args.engine
         self.meta = {"method": self.seg.method, "backbone": self.seg.backbone.name, "identity": dict(self.seg.identity),
-                     "engine": str(engine) if engine else None, "settings": asdict(self.settings)}
+                     "random_weights": self.seg.random_weights, "engine": str(engine) if engine else None,
+                     "backend": self.seg.backend, "settings": asdict(self.settings)}
 
     def __call__(self, image: np.ndarray, masks: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
-        run = getattr(self.seg, "run", None) or self.seg.pipeline  # Segmenter.run once issue 9 lands
-        out = run([image], self.job.vocab, self.settings, [masks])[0]
+        out = self.seg.run([image], self.job.vocab, self.settings, [masks])[0]
         return out.labels, dict(out.timings)
 
 
-def settings_for(seg, preset: str | None, **overrides):
-    pick = getattr(seg, "settings_for", None) or seg.default_settings  # renamed by issue 9
-    return pick(preset, **overrides)
-
-
 def needs_masks(args: argparse.Namespace) -> bool:
-    """Whether every image must bring a region map: CorrCLIP with `--sam none` (decided from the flags,
-    so a Ray driver can say it before any worker starts)."""
-    return getattr(args, "engine", None) is None and args.method == "corrclip" and args.sam == "none"
+    """Whether every image must bring a region map: a region method with `--sam none` (decided from the
+    flags, so a Ray driver can say it before any worker starts; a bundle's own SAM is known only later)."""
+    from . import methods
+
+    return args.engine is None and methods.get(args.method).uses_regions and args.sam == "none"
 
 
 def run_local(job: Job, tasks: Iterable[dict], worker: Worker) -> Iterator[tuple[dict, dict]]:

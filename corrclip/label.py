@@ -69,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="also write NAME.json (class shares, timings, settings)")
     add_model_args(p)
     add_ray_args(p)
+    p.set_defaults(run=run)
 
 
 def _fail(msg: object) -> int:
@@ -211,8 +212,8 @@ def _write(task: dict, image, labels: np.ndarray, timings: dict, meta: dict, *, 
     from .runtime.visualize import make_palette
 
     info = {"file": task["source"], "backbone": meta["backbone"], "weights": meta["identity"],
-            "engine": meta["engine"], "method": meta["method"],
-            "random_weights": "random" in json.dumps(meta["identity"]), "settings": meta["settings"]}
+            "engine": meta["engine"], "backend": meta["backend"], "method": meta["method"],
+            "random_weights": meta["random_weights"], "settings": meta["settings"]}
     write_segmentation(Path(task["folder"]), task["name"], image, labels, names, make_palette(max(256, len(names))),
                        timings, info, with_overlay=with_overlay, with_json=with_json)
     return {"task": task, "shape": list(labels.shape), "counts": _class_counts(labels)}
@@ -221,12 +222,13 @@ def _write(task: dict, image, labels: np.ndarray, timings: dict, meta: dict, *, 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import methods
+    from .cli_args import UsageError
     from .distributed import RayMissing, RayRunError, connect, require_ray, run_ray
     from .engine.bundle import BundleError
     from .jobs import Job, Worker, needs_masks, run_local
     from .models.checkpoints import WeightsError
     from .outputs import OutputError, claim_output_folder, run_config
-    from .presets import dataset_settings
     from .vocab import VocabularyError, benchmark_vocabulary, load_classes_file, parse_classes
 
     started = time.perf_counter()
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             require_ray()
         if args.preset:
             vocab = benchmark_vocabulary(args.preset)
-            dataset_settings(args.preset, args.method)  # an unknown preset fails here, before any model
+            methods.get(args.method).settings(args.preset)  # an unknown preset fails here, before any model
         else:
             vocab = load_classes_file(args.classes[1:]) if args.classes.startswith("@") else parse_classes(args.classes)
         _check_sources(args.sources)
@@ -300,9 +302,10 @@ def run(args: argparse.Namespace) -> int:
             tasks = pending()
             first = next(tasks, None)
             if first is not None:  # build the model only when there is work
-                for result, worker_meta in run_local(job, itertools.chain([first], tasks), Worker(job)):
+                worker = Worker(job, warn=True)
+                for result, worker_meta in run_local(job, itertools.chain([first], tasks), worker):
                     collect(result, worker_meta)
-    except (WeightsError, BundleError, RayMissing, RayRunError, SourceError) as e:
+    except (UsageError, WeightsError, BundleError, RayMissing, RayRunError, SourceError) as e:
         return _fail(e)
     except KeyboardInterrupt:
         bar.close()

@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prob-thd", type=float, default=None, help="override the preset's probability threshold")
     add_model_args(p)
     add_ray_args(p)
+    p.set_defaults(run=run)
 
 
 def _fail(msg: object) -> int:
@@ -103,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
         masks = _mask_files(args.masks, samples) if args.masks else [None] * len(samples)
     except DatasetError as e:
         return _fail(e)
-    if args.masks and not args.sam:
-        args.sam = "none"  # every image brings its regions: no SAM to build
     if not args.masks and needs_masks(args):
         return _fail("--sam none needs --masks DIR (a region map per image), or drop --sam none")
     vocab = benchmark_vocabulary(args.preset)
@@ -127,10 +126,11 @@ def run(args: argparse.Namespace) -> int:
             tasks.append({"id": sample.id, "image": str(sample.image), "label": str(sample.label),
                           "masks": str(mask) if mask else "", "pred": str(pred)})
     job = Job(args, vocab, args.preset, _read, partial(_write, reduce=layout.reduce_zero_label,
-                                                       num_classes=layout.num_classes), overrides)
+                                                       num_classes=layout.num_classes), overrides,
+              masks_given=args.masks is not None)
 
     try:
-        worker = Worker(job) if tasks and not args.ray else None  # before the bar: weights warnings print first
+        worker = Worker(job, warn=True) if tasks and not args.ray else None  # before the bar, so warnings come first
     except (WeightsError, BundleError, ValueError) as e:
         return _fail(e)
     total = np.zeros((4, layout.num_classes), np.int64)
@@ -227,13 +227,13 @@ def _write(task: dict, image, labels: np.ndarray, timings: dict, meta: dict, *, 
 
 
 def _report(args, dataset, n_images: int, metrics: dict, meta: dict, elapsed: float, resumed: int) -> dict:
-    from .. import __version__, presets
+    from .. import __version__, methods
     from . import reported
 
     method, backbone, identity, settings = meta["method"], meta["backbone"], meta["identity"], meta["settings"]
-    random_weights = "random" in json.dumps(identity)
-    grid = None if args.masks or method != "corrclip" else (args.points_per_side or 32)
-    preset_settings = asdict(presets.dataset_settings(args.preset, method))
+    random_weights = meta["random_weights"]
+    grid = None if args.masks or not methods.get(method).uses_regions else (args.points_per_side or 32)
+    preset_settings = asdict(methods.get(method).settings(args.preset))
     changed = [f"{k} {settings[k]} (preset {v})" for k, v in preset_settings.items() if settings.get(k) != v]
     subset = []
     if n_images < len(dataset.samples):
@@ -248,7 +248,7 @@ def _report(args, dataset, n_images: int, metrics: dict, meta: dict, elapsed: fl
         "preset": args.preset, "split": args.split, "images": n_images, "dataset_images": len(dataset.samples),
         "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
         "method": method, "backbone": backbone, "weights": identity, "random_weights": random_weights,
-        "engine": str(args.engine) if args.engine else None, "backend": args.backend if args.engine else "torch",
+        "engine": meta["engine"], "backend": meta["backend"],
         "precision": precision, "masks": masks, "settings": settings,
         "reported": None, "differences": [],
         "per_class": metrics["per_class"],
