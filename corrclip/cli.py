@@ -120,8 +120,9 @@ def _segment(args: argparse.Namespace) -> int:
                 raise ImageError("no region masks; pass --masks or drop --sam none")
             result = seg.run([image], vocab, settings, [label_map])[0]
         except (ImageError, ValueError, OSError) as e:
-            failures.append(f"{path}: {e}")
-            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            # ImageError messages already start with the file they are about (the image or its label map).
+            failures.append(str(e) if isinstance(e, ImageError) else f"{path}: {e}")
+            tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
             continue
         write_segmentation(args.out, path.stem, image, result.labels, result.names, palette, result.timings,
                            {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,

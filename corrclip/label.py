@@ -32,7 +32,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MASK_SUFFIXES = (".png", ".npz", ".npy")
 INDEX = "index.tsv"
 FAILURES = "failures.tsv"
-RUN_ONLY = {"command", "out", "sources", "ray", "workers", "device"}
+RUN_ONLY = {"command", "out", "sources", "ray", "workers", "device", "cache_dir", "no_cache"}
 RAY_CHUNK = 50_000  # tasks per Ray Data pipeline run: bounds the driver's task list
 
 EXAMPLES = """\

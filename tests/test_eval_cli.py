@@ -137,3 +137,14 @@ def test_reported_numbers_and_differences():
                                  precision="fp16", changed_settings=["prob_thd 0.5 (preset 0.2)"], subset=None)
     assert "CLIP weights ViT-B-16:openai (reported: ViT-B-16-quickgelu:metaclip_fullcc)" in diffs
     assert "prob_thd 0.5 (preset 0.2)" in diffs and not any("precision" in d for d in diffs)
+
+
+def test_eval_and_label_take_every_model_flag_of_segment(capsys):
+    def flags(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return {w.strip(",[]") for w in capsys.readouterr().out.split() if w.startswith("--")}
+
+    model = flags("segment") - {"--classes", "--preset", "--masks", "--help"}
+    assert model and model <= flags("eval") and model <= flags("label")
+    assert {"--ray", "--workers", "--limit", "--split", "--data-root"} <= flags("eval")

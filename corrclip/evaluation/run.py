@@ -25,7 +25,7 @@ from ..distributed import add_ray_args
 from .datasets import LAYOUTS
 
 # Flags that do not change any prediction (so a resume may differ in them).
-RUN_ONLY = {"command", "out", "data_root", "limit", "ray", "workers", "device"}
+RUN_ONLY = {"command", "out", "data_root", "limit", "ray", "workers", "device", "cache_dir", "no_cache"}
 MASK_SUFFIXES = (".npz", ".png", ".npy")
 
 EXAMPLES = """\
