@@ -1,6 +1,7 @@
 """`corrclip eval` end to end on the tiny backbone: the eight layouts, resume, bad input, reported numbers."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -143,7 +144,7 @@ def test_eval_and_label_take_every_model_flag_of_segment(capsys):
     def flags(command):
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        return {w.strip(",[]") for w in capsys.readouterr().out.split() if w.startswith("--")}
+        return set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
 
     model = flags("segment") - {"--classes", "--preset", "--masks", "--help"}
     assert model and model <= flags("eval") and model <= flags("label")
