@@ -14,9 +14,9 @@ factored (N = h*w pixels, C channels, I = C/2 attention width, H heads of width 
 - Every later linear map W of the image tokens (block 2's keys/values/queries, the final attention's
   keys/values, and the first ConvTranspose2d of output_upscaling, whose 2x2 stride-2 kernel is a per-pixel
   linear map) is r * (shared W, once per image) + a rank-K product per prompt + per-pixel row terms.
-  After block 2 the image tokens are r2 * (r1 * Ec + L R) * gamma2 + beta2 with L = [r1 A1, A2, 1].
-- Attention scores and outputs never form the projected image tokens per prompt: q . (r S + L R W)^T is
-  r (q S^T) + (q (R W)^T) L^T, which costs K instead of I per pixel and head-token.
+  After block 2 the image tokens are r2 * (r1 * Ec + L^T R) * gamma2 + beta2 with L = [r1 A1; A2; 1] [K2, N].
+- Attention scores and outputs never form the projected image tokens per prompt: q . (r S + L^T R W)^T is
+  r (q S^T) + (q (R W)^T) L, which costs K instead of I per pixel and head-token.
 - The final token->image attention only runs for the tokens the outputs read: the IoU token and the
   three multimask tokens.
 - From the first LayerNorm2d + GELU of the upscaling on, the work is per prompt; it is a separate stage
@@ -78,8 +78,8 @@ class MaskFactors(NamedTuple):
     """Per prompt, what the mask stage needs: the final image tokens in factored form."""
 
     scale: Tensor  # [P, N] r1 * r2, the per-pixel scale of the shared part
-    left: Tensor  # [P, N, K2] r2 * L, L = [r1 A1, A2, 1]
-    right: Tensor  # [P, K2, C] R * gamma2, R = [W centred, U2 centred, (beta1 + bo2) centred]
+    left: Tensor  # [P, K2, N] r2 * L, L = [r1 A1; A2; 1] (K2 = 2 K + 1)
+    right: Tensor  # [P, K2, C] R * gamma2, R = [W centred; U2 centred; (beta1 + bo2) centred]
     hyper: Tensor  # [P, 3, C/8] the hypernetwork outputs of the three multimask tokens
 
 
