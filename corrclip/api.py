@@ -84,6 +84,18 @@ class Segmenter:
         """The method's settings for a benchmark preset (None: the method's defaults), with overrides."""
         return presets.dataset_settings(preset, self.method, **overrides)
 
+    # INTERIM (issue 15 branch): the names issue 9 lands on main; main's api.py replaces these.
+    def settings_for(self, preset: str | None = None, **overrides) -> presets.Settings:
+        return self.default_settings(preset, **overrides)
+
+    @property
+    def needs_masks(self) -> bool:
+        return self.pipeline.method.needs_masks and self.pipeline.mask_generator is None
+
+    def run(self, images: list[np.ndarray], vocab: Vocabulary, settings: presets.Settings, label_maps=None,
+            return_probs: bool = False) -> list[Segmentation]:
+        return self.pipeline(images, vocab, settings, label_maps, return_probs=return_probs)
+
     def _init_from_bundle(self, path, backend: str, amg, max_windows: int) -> None:
         """Runs the exported graphs (no model code in the loop): ONNX Runtime, AOTInductor or TensorRT."""
         from .engine.bundle import load_bundle

@@ -77,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"corrclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
-    from .bench import add_parser as bench_parser
+    from . import bench
+    from .serve import request, server
 
-    bench_parser(sub)
+    commands = {"bench": bench, "serve": server, "request": request}
+    for module in commands.values():
+        module.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "bench":
-            from .bench import run
-
-            return run(args)
+        if args.command in commands:
+            return commands[args.command].run(args)
         return _segment(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ Each prompt is encoded and L2-normalized; the 80 of a query are averaged and ren
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -16,12 +17,15 @@ from ..vocab import Vocabulary
 
 class TextEmbedder:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, device: torch.device,
-                 chunk: int = 1024):
+                 chunk: int = 1024, max_cached: int = 64):
         self.encode = encode  # token ids [P, L] -> embeddings [P, E]
         self.tokenizer = tokenizer
         self.device = device
         self.chunk = chunk
-        self._cache: dict[str, torch.Tensor] = {}
+        # Least recently used vocabularies are dropped past max_cached: a server that sees endless
+        # new class lists must not grow without bound.
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @torch.inference_mode()
     def __call__(self, vocab: Vocabulary) -> torch.Tensor:
@@ -38,4 +42,7 @@ class TextEmbedder:
                 rows.append(F.normalize(self.encode(part).float(), dim=-1))
             emb = torch.cat(rows).view(vocab.num_queries, len(IMAGENET_TEMPLATES), -1).mean(dim=1)
             self._cache[key] = F.normalize(emb, dim=-1)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         return self._cache[key]
