@@ -89,4 +89,8 @@ def make_executor(bundle: Bundle, name: str, backend: str = "onnxruntime", devic
         from .tensorrt import TensorRTExecutor
 
         return TensorRTExecutor(bundle, name, device)
+    if backend == "triton-bls":  # inside the Triton repository's glue model: a sibling model runs the graph
+        from ..serve.bls import BlsExecutor
+
+        return BlsExecutor(bundle, name, device)
     raise BundleError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} (or torch, without --engine)")
