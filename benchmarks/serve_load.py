@@ -71,7 +71,7 @@ def workload(seed: int = 0, size: tuple[int, int] = (320, 240)) -> tuple[list[di
            dict(image=images[0], classes="", masks=regions),  # no classes
            dict(image=images[0], classes=",".join(f"c{i}" for i in range(100_000)), masks=regions),
            dict(image=images[0], classes="a, b", masks=_png(np.zeros((7, 9), np.uint8))),  # wrong size
-           dict(image=_bomb_png(10_000, 10_000), classes="a, b"),  # 100 megapixels in ~100 kB
+           dict(image=_bomb_png(6000, 4000), classes="a, b"),  # 24 megapixels in ~25 kB
            dict(image=images[0], preset="no_such_preset", masks=regions)]
     return good, bad
 
@@ -109,10 +109,10 @@ class Tally:
 
 
 def run_load(url: str, clients: int = 8, seconds: float = 120.0, bad_fraction: float = 0.25, seed: int = 0,
-             pid: int | None = None) -> dict:
+             pid: int | None = None, size: tuple[int, int] = (320, 240)) -> dict:
     if not url.removeprefix("http://").startswith(("127.0.0.1:", "localhost:")):
         raise ValueError(f"load tests only target 127.0.0.1; got {url}")
-    good, bad = workload(seed)
+    good, bad = workload(seed, size)
     tally = Tally()
     with Client(url) as probe:  # one warm-up request of each vocabulary: text embeddings, lazy init
         for kw in good[: len(VOCABULARIES)]:
@@ -153,7 +153,7 @@ def run_load(url: str, clients: int = 8, seconds: float = 120.0, bad_fraction: f
     elapsed = time.perf_counter() - start
     lat = np.array(tally.latencies) * 1000
     report = {
-        "clients": clients, "seconds": round(elapsed, 1), "bad_fraction": bad_fraction,
+        "clients": clients, "seconds": round(elapsed, 1), "bad_fraction": bad_fraction, "image_size": list(size),
         "good_ok": len(tally.latencies), "good_errors": len(tally.good_errors),
         "good_error_examples": sorted(set(tally.good_errors))[:5],
         "bad_refused": tally.bad_refused, "bad_accepted": tally.bad_accepted,
@@ -178,9 +178,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(server_args: list[str], timeout: float = 300.0, log: Path | None = None
-                 ) -> tuple[subprocess.Popen, str]:
-    """Starts `corrclip serve` on free loopback ports; returns (process, url) once it is ready."""
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str  # HTTP, host:port
+    metrics: str  # Prometheus endpoint
+
+
+def start_server(server_args: list[str], timeout: float = 300.0, log: Path | None = None) -> Server:
+    """Starts `corrclip serve` on free loopback ports and returns once it is ready."""
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-c", "import sys; from corrclip.cli import main; sys.exit(main())", "serve",
            *server_args, "--host", "127.0.0.1", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
@@ -194,7 +200,7 @@ def start_server(server_args: list[str], timeout: float = 300.0, log: Path | Non
             if proc.poll() is not None:
                 raise RuntimeError(f"corrclip serve exited with {proc.returncode}" + (f"; see {log}" if log else ""))
             if probe.ready():
-                return proc, url
+                return Server(proc, url, f"http://127.0.0.1:{ports[2]}/metrics")
             time.sleep(0.5)
     stop_server(proc)
     raise TimeoutError(f"corrclip serve was not ready within {timeout:.0f} s")
@@ -224,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     proc = None
     if args.url is None:
-        proc, url = start_server(server_args or ["--backbone", "tiny", "--weights", "random", "--sam", "none"])
-        pid = proc.pid
+        server = start_server(server_args or ["--backbone", "tiny", "--weights", "random", "--sam", "none"])
+        proc, url, pid = server.proc, server.url, server.proc.pid
     else:
         url, pid = args.url, args.pid
     try:

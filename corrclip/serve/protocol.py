@@ -138,8 +138,8 @@ def parse_row(row: Mapping[str, np.ndarray], limits: Limits,
     size = sum(len(e) if isinstance(e, (bytes, str)) else np.asarray(e).nbytes
                for x in row.values() for e in np.asarray(x).reshape(-1))
     if size > limits.max_request_bytes:
-        raise RequestError(f"request is {size / 2**20:.1f} MiB, above this server's limit of "
-                           f"{limits.max_request_bytes / 2**20:g} MiB; send a smaller (e.g. JPEG) image")
+        raise RequestError(f"request is {size / 2**20:.3g} MiB, above this server's limit of "
+                           f"{limits.max_request_bytes / 2**20:.3g} MiB; send a smaller (e.g. JPEG) image")
     vocab, preset = _vocabulary(row, limits)
     prob_thd = _element(row, "prob_thd")
     if prob_thd is not None and not 0.0 <= float(prob_thd) <= 1.0:

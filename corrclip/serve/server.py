@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import sysconfig
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
               f"{args.grpc_port} or {args.metrics_port} in use? (--http-port/--grpc-port/--metrics-port); Triton's "
               f"log: {log_file or 'above'}", file=sys.stderr)
         return 1
+    if log_file is not None:
+        shutil.rmtree(log_file.parent, ignore_errors=True)  # kept only when the server failed to start
     print("server stopped", file=sys.stderr)
     return 0
 
@@ -150,7 +153,10 @@ def use_this_libpython() -> None:
     """
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if not libdir or not soname or not (Path(libdir) / soname).is_file():
-        return  # a static interpreter (the system's, usually): the stub finds the system library
+        print("WARNING: this Python has no shared libpython; Triton's Python backend will load the system's. If "
+              "the server fails to start ('_recursion_count' in its log), run it from a venv made with the "
+              "system Python (/usr/bin/python3 -m venv) or one built with --enable-shared.", file=sys.stderr)
+        return
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
     os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
 
