@@ -1,6 +1,7 @@
 """corrclip-export on the tiny preset: the bundle, its validation, atomicity, and the runtime running
 from it (ONNX Runtime and AOTInductor) against the torch reference."""
 
+import importlib.util
 import json
 import shutil
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from corrclip.api import Segmenter
+from corrclip.engine.backends import make_executor
 from corrclip.engine.bundle import BundleError, load_bundle
-from corrclip.engine.executors import make_executor
 from corrclip.export import cli as export_cli
 from corrclip.runtime.image_io import decode_image
 
@@ -70,6 +71,9 @@ def test_existing_bundle_is_not_overwritten_silently(bundle, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino extra absent")
+
+
 def _inputs():
     img = decode_image("examples/example.jpg")
     rng = np.random.default_rng(0)
@@ -80,11 +84,11 @@ def _inputs():
     return img, lm
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti", pytest.param("openvino", marks=needs_openvino)])
 def test_runtime_from_bundle_matches_torch(bundle, backend):
     img, lm = _inputs()
     ref = Segmenter("tiny", device="cpu").segment(img, preset="voc21", masks=lm, return_probs=True)[0]
-    eng = Segmenter(engine=bundle, backend=backend, device="cpu")
+    eng = Segmenter.from_bundle(bundle, backend, device="cpu")
     out = eng.segment(img, preset="voc21", masks=lm, return_probs=True)[0]
     assert (out.labels == ref.labels).mean() >= 0.999
     np.testing.assert_allclose(out.probs, ref.probs, atol=2e-4)
@@ -93,17 +97,17 @@ def test_runtime_from_bundle_matches_torch(bundle, backend):
 
     loose = AmgSettings(points_per_side=4, pred_iou_thresh=-10, stability_score_thresh=-10)
     ref_masks = Segmenter("tiny", device="cpu", amg=loose).pipeline.mask_generator.label_map(img)
-    eng = Segmenter(engine=bundle, backend=backend, device="cpu", amg=loose)
+    eng = Segmenter.from_bundle(bundle, backend, device="cpu", amg=loose)
     eng_masks = eng.pipeline.mask_generator.label_map(img)
     assert ref_masks.max() > 0 and (eng_masks == ref_masks).mean() >= 0.999
 
 
 def test_head_logits_within_1e4(bundle):
     """The fp32 logits of the exported head agree with torch within 1e-4 on fresh inputs."""
-    from corrclip.export.graphs import corrclip_graphs
+    from corrclip.export.graphs import method_graphs
     from corrclip.models.build import build_models
 
-    graphs = {g.name: g for g in corrclip_graphs(build_models("tiny", sam="none"), 336)}
+    graphs = {g.name: g for g in method_graphs("corrclip", build_models("tiny", sam="none"), 336)}
     head = graphs["corr_head"]
     inputs = head.make_inputs({"B": 3, "R": 11, "Q": 21}, torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -115,7 +119,7 @@ def test_head_logits_within_1e4(bundle):
 
 def test_bundle_refuses_other_window_sizes(bundle):
     img, lm = _inputs()
-    eng = Segmenter(engine=bundle, device="cpu")
+    eng = Segmenter.from_bundle(bundle, device="cpu")
     with pytest.raises(ValueError, match="re-export with --crop 224"):
         eng.segment(img, preset="city_scapes", masks=lm)
 
@@ -189,6 +193,22 @@ def test_bench_runs_on_bundle_backends(bundle, backend, tmp_path):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["backend"] == backend and r["stages_ms"]["corr_head"]["p50"] > 0 and r["flops_source"] is None
+
+
+@needs_openvino
+def test_openvino_precision_is_applied(bundle):
+    """bf16 inference precision changes the numbers (it ran), within the bf16 export tolerance of fp32."""
+    from corrclip.engine.backends.openvino import cpu_has
+
+    windows = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(5))
+    (f32,) = make_executor(load_bundle(bundle), "dino", "openvino", "cpu", "fp32")(windows)
+    (ort,) = make_executor(load_bundle(bundle), "dino", "onnxruntime", "cpu")(windows)
+    assert float((f32 - ort).abs().max()) < 1e-4
+    if not cpu_has("bf16"):
+        pytest.skip("no bf16 units on this CPU: OpenVINO falls back to f32")
+    (bf16,) = make_executor(load_bundle(bundle), "dino", "openvino", "cpu", "bf16")(windows)
+    err = float((bf16 - ort).abs().max() / ort.abs().max())
+    assert 0 < err < 5e-2
 
 
 # ---- the Triton model repository (corrclip-export --triton-repo) ---------------------------------
@@ -305,7 +325,7 @@ def test_triton_repository_serves_a_request(bundle, tmp_path, monkeypatch):
         with Client(f"127.0.0.1:{ports[0]}") as client:
             assert client.ready()
             served = client.segment(image, "cat, dog, grass", masks=regions)
-    local = Segmenter(engine=repo / "corrclip" / "1" / "bundle", backend="onnxruntime", device="cpu").segment(
-        str(image), "cat, dog, grass", masks=regions)[0]
+    local = Segmenter.from_bundle(repo / "corrclip" / "1" / "bundle", "onnxruntime", device="cpu",
+                                  text_cache=False).segment(str(image), "cat, dog, grass", masks=regions)[0]
     assert served.names == ["cat", "dog", "grass"] and np.array_equal(served.labels, local.labels)
     assert served.info["model"]["engine"] == "triton repository" and served.info["stage_seconds"]["corr_head"] > 0

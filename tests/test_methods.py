@@ -40,10 +40,10 @@ def test_end_to_end(segmenters, image, method):
 
 
 def test_methods_use_their_settings(segmenters):
-    assert segmenters["sc-clip"].default_settings("voc21").area_thd == 0.1
-    assert segmenters["sc-clip"].default_settings("voc21").crop == 224
-    assert segmenters["cliptrase"].default_settings("voc20").cls_prior
-    assert segmenters["corrclip"].default_settings("voc21").prob_thd == 0.2
+    assert segmenters["sc-clip"].settings_for("voc21").area_thd == 0.1
+    assert segmenters["sc-clip"].settings_for("voc21").crop == 224
+    assert segmenters["cliptrase"].settings_for("voc20").cls_prior
+    assert segmenters["corrclip"].settings_for("voc21").prob_thd == 0.2
 
 
 def test_three_methods_share_one_code_path(segmenters, image, monkeypatch):
@@ -75,7 +75,7 @@ def test_bundle_matches_torch(tmp_path, image, segmenters, method):
     mf = json.loads((out / "manifest.json").read_text())
     assert mf["method"] == method and set(mf["graphs"]) == {"clip_dense", "clip_text"}
     ref = segmenters[method].segment(image, preset="voc21", return_probs=True)[0]
-    eng = Segmenter(engine=out, device="cpu").segment(image, preset="voc21", return_probs=True)[0]
+    eng = Segmenter.from_bundle(out, device="cpu").segment(image, preset="voc21", return_probs=True)[0]
     assert (eng.labels == ref.labels).mean() >= 0.999
     np.testing.assert_allclose(eng.probs, ref.probs, atol=1e-3)
 

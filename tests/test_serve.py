@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corrclip.presets import dataset_settings
+from corrclip import methods
 from corrclip.serve.protocol import Limits, RequestError, decode_labels, parse_row
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "example.jpg"
+SETTINGS_FOR = methods.get("corrclip").settings
 CLASSES = "table, cup, saucer, spoon, coffee"
 
 
@@ -58,7 +59,7 @@ def _regions(h: int, w: int) -> np.ndarray:
 ])
 def test_bad_rows_are_refused_with_a_message(case, words):
     with pytest.raises(RequestError, match=words):
-        parse_row(_row(**case), Limits(), dataset_settings, needs_masks=words == "label map")
+        parse_row(_row(**case), Limits(), SETTINGS_FOR, needs_masks=words == "label map")
 
 
 @pytest.mark.parametrize("limits, case, words", [
@@ -70,15 +71,15 @@ def test_bad_rows_are_refused_with_a_message(case, words):
 def test_limits_are_the_servers(limits, case, words):
     image = EXAMPLE.read_bytes() + b"\0" * case.pop("pad", 0)  # 500x333 = 166,500 pixels, 44 kB
     with pytest.raises(RequestError, match=words):
-        parse_row(_row(image=image, **case), limits, dataset_settings, needs_masks=False)
+        parse_row(_row(image=image, **case), limits, SETTINGS_FOR, needs_masks=False)
 
 
 def test_base64_and_raw_bytes_are_the_same_request():
     import base64
 
-    raw = parse_row(_row(image=EXAMPLE.read_bytes(), classes="a, b"), Limits(), dataset_settings, False)
+    raw = parse_row(_row(image=EXAMPLE.read_bytes(), classes="a, b"), Limits(), SETTINGS_FOR, False)
     text = parse_row(_row(image=base64.b64encode(EXAMPLE.read_bytes()), classes="a, b"), Limits(),
-                     dataset_settings, False)
+                     SETTINGS_FOR, False)
     assert np.array_equal(raw.image, text.image) and raw.vocab == text.vocab
 
 
@@ -89,7 +90,7 @@ def test_base64_and_raw_bytes_are_the_same_request():
 def segmenter():
     from corrclip.api import Segmenter
 
-    return Segmenter("tiny", "random", sam="none", device="cpu")
+    return Segmenter("tiny", "random", sam="none", device="cpu", text_cache=False)
 
 
 def test_service_groups_vocabularies_and_isolates_bad_rows(segmenter):
@@ -119,7 +120,7 @@ def test_service_groups_vocabularies_and_isolates_bad_rows(segmenter):
     assert infos[0]["batch"] == {"rows": 5, "groups": 2, "images_in_call": 2}
     assert len(calls) == 2  # one text pass per vocabulary, shared by its rows
     # Each good row's answer is what the pipeline gives for the same call.
-    cat_dog = segmenter.run([a, b], parse_classes("cat, dog"), dataset_settings(None), masks)
+    cat_dog = segmenter.run([a, b], parse_classes("cat, dog"), methods.get("corrclip").settings(), masks)
     assert np.array_equal(decode_labels(out[0]["labels_png"]), cat_dog[0].labels)
     assert np.array_equal(decode_labels(out[3]["labels_png"]), cat_dog[1].labels)
     assert json.loads(out[2]["names"]) == ["sky", "road"]

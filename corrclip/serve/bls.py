@@ -20,12 +20,13 @@ import torch
 from .protocol import INPUTS, Limits
 
 GRAPH_MODEL_PREFIX = "corrclip_"  # graph `dino` is served as model `corrclip_dino`
+BACKEND = "triton-bls"
 
 
 class BlsExecutor:
     """Runs one graph of the bundle as the sibling Triton model, called like the other executors."""
 
-    def __init__(self, bundle, name: str, device: torch.device | str = "cpu"):
+    def __init__(self, bundle, name: str, device: torch.device | str = "cpu", precision: str = "fp32"):
         import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend
 
         graph = bundle.graphs[name]
@@ -52,18 +53,23 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         from ..api import Segmenter
+        from ..engine import backends
         from ..runtime.amg import AmgSettings
         from .service import SegmentService
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / "bundle"
-        points = int(params.get("points_per_side", 0))
-        seg = Segmenter(engine=folder, backend="triton-bls", device=params.get("device", "cpu"),
-                        amg=AmgSettings(points_per_side=points) if points else None)
+        amg = AmgSettings()
+        if "points_per_side" in params:
+            amg.points_per_side = int(params["points_per_side"])
+        # Registered here, not on import: it only works inside Triton, so it is no --backend choice.
+        backends.register(backends.Backend(name=BACKEND, summary="graphs as sibling Triton models (BLS)",
+                                           reads="onnx", make=BlsExecutor))
+        seg = Segmenter.from_bundle(folder, BACKEND, device=params.get("device", "cpu"), amg=amg, text_cache=False)
         limits = Limits(**{f.name: int(params[f.name]) for f in fields(Limits) if f.name in params})
         info = {"method": seg.method, "backbone": seg.backbone.name, "weights": seg.identity,
-                "engine": "triton repository", "random_weights": "random" in json.dumps(seg.identity)}
+                "engine": "triton repository", "backend": BACKEND, "random_weights": seg.random_weights}
         self.service = SegmentService(seg, limits, info)
         logging.getLogger("corrclip.serve").info("corrclip BLS model ready (%s)", info)
 

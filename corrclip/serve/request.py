@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one response (default 600)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +121,8 @@ def _write(out: Path, path: Path, image, result, url: str, seconds: float) -> No
     overlay(image, result.labels, result.names, palette).save(out / f"{stem}_overlay.png")
     model, info = result.info["model"], result.info
     extra = {"file": str(path), "backbone": model["backbone"], "weights": model["weights"],
-             "engine": model["engine"], "method": model["method"], "random_weights": model["random_weights"],
+             "engine": model["engine"], "backend": model.get("backend"), "method": model["method"],
+             "random_weights": model["random_weights"],
              "settings": info["settings"],
              "server": {"url": url, "round_trip_seconds": seconds, "batch": info["batch"],
                         "request_seconds": info["request_seconds"]}}

@@ -28,6 +28,8 @@ EPILOG = """examples:
   corrclip serve --engine bundles/vit_b --backend onnxruntime         # an exported engine
   corrclip serve --backbone vit_b --sam none                          # clients send region maps ('masks')
 
+The text-embedding disk cache is off unless --cache-dir is given (clients choose the vocabularies).
+
 then:
   corrclip request photo.jpg --classes 'sky; cloud, road, car' --out out/
   curl -s 127.0.0.1:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'    # 200 when ready
@@ -69,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-queue", type=int, default=d.max_queue,
                      help=f"requests waiting for the model; more are turned away at once (default {d.max_queue})")
     p.add_argument("--verbose", action="store_true", help="print Triton's own log")
+    p.set_defaults(run=run)
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -77,11 +80,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
 
 
 def model_info(seg, args: argparse.Namespace) -> dict:
-    import json
-
     return {"method": seg.method, "backbone": seg.backbone.name, "weights": seg.identity,
-            "engine": str(args.engine) if args.engine else None,
-            "random_weights": "random" in json.dumps(seg.identity), "corrclip": __version__}
+            "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
+            "random_weights": seg.random_weights, "corrclip": __version__}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: serving needs PyTriton: pip install 'corrclip[serve]' (scripts/setup.sh installs it)",
               file=sys.stderr)
         return 2
-    from ..cli_args import build_segmenter
+    from ..cli_args import UsageError, build_segmenter, warn_if_random
     from ..engine.bundle import BundleError
     from ..models.checkpoints import WeightsError
     from .service import SegmentService
@@ -100,11 +101,15 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: listening on {args.host}: anyone who can reach it can use the server (no authentication)",
               file=sys.stderr)
+    if args.cache_dir is None:
+        # Clients choose the vocabularies: a disk cache of every one would grow without bound.
+        args.no_cache = True
     try:
         seg = build_segmenter(args)
-    except (WeightsError, BundleError, ValueError) as e:
+    except (UsageError, WeightsError, BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_if_random(seg)
     limits = limits_from(args)
     service = SegmentService(seg, limits, model_info(seg, args))
     use_this_libpython()

@@ -1,13 +1,5 @@
-"""Executors: run a named graph of a bundle on a backend, called the same way whatever runs it.
-
-    run = make_executor(bundle, "dino", backend="onnxruntime", device="cpu")
-    (feats,) = run(windows)                       # torch tensors in, tuple of torch tensors out
-
-Backends: "onnxruntime" (CPU here; CUDA / TensorRT execution providers when onnxruntime-gpu is
-installed, with IO binding so device tensors are not copied through the host), "aoti"
-(AOTInductor packages), "tensorrt" (engines built from the ONNX graphs; see tensorrt.py).
-The torch backend needs no bundle: the runtime calls the modules directly.
-"""
+"""ONNX Runtime: CPU here; CUDA / TensorRT execution providers when onnxruntime-gpu is installed, with
+IO binding so device tensors are not copied through the host (the GPU path is untested here)."""
 
 from __future__ import annotations
 
@@ -17,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, BundleError
+from ..bundle import Bundle, BundleError
+from . import Backend, register
 
-BACKENDS = ("onnxruntime", "aoti", "tensorrt")
-
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-       torch.bool: np.bool_}
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+       torch.int32: np.int32, torch.bool: np.bool_}
 
 
 class OrtExecutor:
@@ -42,7 +33,11 @@ class OrtExecutor:
                               "install onnxruntime-gpu for CUDA/TensorRT providers")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable graphs
+            raise BundleError(f"ONNX Runtime cannot load {path.name} ({type(e).__name__}: {str(e)[:200]}); "
+                              "re-export the bundle") from e
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
@@ -66,31 +61,11 @@ class OrtExecutor:
         return tuple(torch.from_dlpack(o._ortvalue.to_dlpack()) for o in binding.get_outputs())
 
 
-class AotiExecutor:
-    def __init__(self, path: Path, device: torch.device):
-        from torch._inductor import aoti_load_package
-
-        self.device = device
-        self.runner = aoti_load_package(str(path))
-
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Compiled kernels assume the example's (contiguous) strides: a sliced view would be misread.
-        out = self.runner(*[a.to(self.device).contiguous() for a in args])
-        return (out,) if isinstance(out, torch.Tensor) else tuple(out)  # one output comes back bare
+def make(bundle: Bundle, name: str, device: torch.device, precision: str = "fp32") -> OrtExecutor:
+    return OrtExecutor(bundle.graph_file(name, "onnx"), device)
 
 
-def make_executor(bundle: Bundle, name: str, backend: str = "onnxruntime", device: torch.device | str = "cpu"):
-    device = torch.device(device)
-    if backend == "onnxruntime":
-        return OrtExecutor(bundle.graph_file(name, "onnx"), device)
-    if backend == "aoti":
-        return AotiExecutor(bundle.graph_file(name, f"aoti-{device.type}"), device)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTExecutor
-
-        return TensorRTExecutor(bundle, name, device)
-    if backend == "triton-bls":  # inside the Triton repository's glue model: a sibling model runs the graph
-        from ..serve.bls import BlsExecutor
-
-        return BlsExecutor(bundle, name, device)
-    raise BundleError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} (or torch, without --engine)")
+BACKEND = register(Backend(
+    name="onnxruntime", summary="ONNX Runtime (CPU; CUDA/TensorRT providers with onnxruntime-gpu)",
+    reads="onnx", make=make, checks_export="onnx",
+))
