@@ -67,6 +67,7 @@ def test_bad_rows_are_refused_with_a_message(case, words):
     (Limits(max_classes=3), dict(classes="a, b; c, d"), "4 class names"),
     (Limits(max_pixels=100_000), dict(classes="a"), "500x333 .* above the 0.1 megapixel limit"),
     (Limits(max_probs_values=1000), dict(classes="a", return_probs=np.bool_(True)), "return_probs for 1 classes"),
+    (Limits(max_class_pixels=300_000), dict(classes="a, b"), "2 class names x 500x333 pixels"),
 ])
 def test_limits_are_the_servers(limits, case, words):
     image = EXAMPLE.read_bytes() + b"\0" * case.pop("pad", 0)  # 500x333 = 166,500 pixels, 44 kB

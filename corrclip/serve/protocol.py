@@ -61,6 +61,9 @@ class Limits:
     max_request_bytes: int = 16 * 2**20  # all inputs of one row together
     max_pixels: int = 16_000_000  # image width x height, read from the header before decoding
     max_classes: int = 256  # class names, synonyms included (ADE20K has 150, COCO-Stuff 171)
+    # Class names x image pixels: the pipeline scores every name at full resolution, about 12 bytes per
+    # class-pixel at its peak on the CPU path (measured), so 2e8 is about 2.3 GB for one image.
+    max_class_pixels: int = 200_000_000
     max_probs_values: int = 64_000_000  # classes x H x W for return_probs (float16: 128 MB)
     max_queue: int = 32  # requests waiting for the model; Triton turns more away at once
 
@@ -144,7 +147,10 @@ def parse_row(row: Mapping[str, np.ndarray], limits: Limits,
     prob_thd = _element(row, "prob_thd")
     if prob_thd is not None and not 0.0 <= float(prob_thd) <= 1.0:
         raise RequestError(f"prob_thd is {float(prob_thd)}; give a probability between 0 and 1")
-    settings = settings_for(preset, prob_thd=None if prob_thd is None else float(prob_thd))
+    try:
+        settings = settings_for(preset, prob_thd=None if prob_thd is None else float(prob_thd))
+    except ValueError as e:  # a preset this method has no settings for
+        raise RequestError(str(e)) from None
     try:  # header_size raises ImageError for a decompression bomb, before anything is decoded
         data = _file_bytes(row, "image")
         if data is None:
@@ -156,6 +162,12 @@ def parse_row(row: Mapping[str, np.ndarray], limits: Limits,
         label_map = None if masks is None else decode_label_map(masks, image.shape[:2], "masks")
     except ImageError as e:
         raise RequestError(str(e).replace("<image bytes>", "image")) from None
+    work = vocab.num_queries * image.shape[0] * image.shape[1]
+    if work > limits.max_class_pixels:
+        raise RequestError(
+            f"{vocab.num_queries} class names x {image.shape[1]}x{image.shape[0]} pixels is above this server's limit "
+            f"of {limits.max_class_pixels:,} class-pixels (scores are kept at full resolution); send a smaller image "
+            "or fewer classes")
     if label_map is None and needs_masks:
         raise RequestError("this server has no mask generator (--sam none): send a region label map as 'masks'")
     return_probs = _flag(row, "return_probs")

@@ -68,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help=f"image width x height, read before decoding (default {d.max_pixels:,})")
     lim.add_argument("--max-classes", type=int, default=d.max_classes,
                      help=f"class names per request, synonyms included (default {d.max_classes})")
+    lim.add_argument("--max-class-pixels", type=float, default=d.max_class_pixels,
+                     help=f"class names x image pixels, the full-resolution scoring's memory (~12 bytes each on the "
+                          f"CPU; default {d.max_class_pixels:.0e})")
     lim.add_argument("--max-queue", type=int, default=d.max_queue,
                      help=f"requests waiting for the model; more are turned away at once (default {d.max_queue})")
     p.add_argument("--verbose", action="store_true", help="print Triton's own log")
@@ -76,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_pixels=args.max_pixels,
-                  max_classes=args.max_classes, max_queue=args.max_queue)
+                  max_classes=args.max_classes, max_class_pixels=int(args.max_class_pixels), max_queue=args.max_queue)
 
 
 def model_info(seg, args: argparse.Namespace) -> dict:
