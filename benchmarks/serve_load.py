@@ -108,8 +108,22 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def triton_counts(metrics_url: str) -> dict[str, float]:
+    """Triton's request and execution counters for model corrclip (their ratio is the mean batch size)."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for name in ("nv_inference_count", "nv_inference_exec_count"):
+            if line.startswith(name + "{") and 'model="corrclip"' in line:
+                out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def run_load(url: str, clients: int = 8, seconds: float = 120.0, bad_fraction: float = 0.25, seed: int = 0,
-             pid: int | None = None, size: tuple[int, int] = (320, 240)) -> dict:
+             pid: int | None = None, size: tuple[int, int] = (320, 240), metrics: str | None = None) -> dict:
     if not url.removeprefix("http://").startswith(("127.0.0.1:", "localhost:")):
         raise ValueError(f"load tests only target 127.0.0.1; got {url}")
     good, bad = workload(seed, size)
@@ -118,6 +132,7 @@ def run_load(url: str, clients: int = 8, seconds: float = 120.0, bad_fraction: f
         for kw in good[: len(VOCABULARIES)]:
             probe.segment(**kw)
     rss: list[tuple[float, int]] = []
+    counts = triton_counts(metrics) if metrics else None
     start = time.perf_counter()
     deadline = start + seconds
     stop = threading.Event()
@@ -160,6 +175,10 @@ def run_load(url: str, clients: int = 8, seconds: float = 120.0, bad_fraction: f
         "throughput_good_per_s": round(len(lat) / elapsed, 3),
         "latency_ms": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99), "max": _pct(lat, 100)},
     }
+    if counts:
+        end = triton_counts(metrics)
+        requests, runs = (end[k] - counts[k] for k in ("nv_inference_count", "nv_inference_exec_count"))
+        report["mean_batch"] = round(requests / max(runs, 1), 2)  # requests per model execution (Triton's counters)
     if rss:
         warm = [r for t, r in rss if t >= 0.2 * elapsed] or [rss[-1][1]]
         report["rss_mb"] = {"start": round(rss[0][1] / 2**20, 1), "after_warmup": round(warm[0] / 2**20, 1),
@@ -222,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server on 127.0.0.1 (default: start one with the args after --)")
     p.add_argument("--pid", type=int, help="the running server's pid, for its memory")
+    p.add_argument("--metrics", help="the running server's metrics URL, for the mean batch size")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--minutes", type=float, default=2.0)
     p.add_argument("--bad-fraction", type=float, default=0.25)
@@ -231,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     if args.url is None:
         server = start_server(server_args or ["--backbone", "tiny", "--weights", "random", "--sam", "none"])
-        proc, url, pid = server.proc, server.url, server.proc.pid
+        proc, url, pid, metrics = server.proc, server.url, server.proc.pid, server.metrics
     else:
-        url, pid = args.url, args.pid
+        url, pid, metrics = args.url, args.pid, args.metrics
     try:
-        report = run_load(url, args.clients, 60 * args.minutes, args.bad_fraction, args.seed, pid)
+        report = run_load(url, args.clients, 60 * args.minutes, args.bad_fraction, args.seed, pid, metrics=metrics)
         with Client(url) as c:
             report["healthy_after"] = c.ready()
     finally:

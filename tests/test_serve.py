@@ -244,7 +244,8 @@ def test_concurrent_requests_share_a_batch_and_the_queue_limit_holds(server):
 def test_short_load(server):
     # 96x96 images: one window each, so the few seconds hold many requests.
     report = _load_module().run_load(server.url, clients=4, seconds=10, bad_fraction=0.3, pid=server.proc.pid,
-                                     size=(96, 96))
+                                     size=(96, 96), metrics=server.metrics)
     assert report["good_errors"] == 0, report["good_error_examples"]
     assert report["bad_accepted"] == 0 and report["bad_refused"] > 0 and report["good_ok"] > 0
     assert report["rss_mb"]["growth_after_warmup"] < 300, report["rss_mb"]
+    assert report["mean_batch"] >= 1
