@@ -52,10 +52,10 @@ def build_clip(arch: str, weights: str = "official", *, device: str | torch.devi
         elif weights == "official":
             raise WeightsError("the tiny CLIP has no official weights: use --weights random or a local file")
     elif weights == "random":
-        with seeded(0):
+        with seeded(0), _quiet_open_clip():
             model = open_clip.create_model(arch, pretrained=None)
     elif _is_file(weights):
-        with seeded(0):
+        with seeded(0), _quiet_open_clip():
             model = open_clip.create_model(arch, pretrained=None)
         load_into(model, _clip_state_dict(weights), str(weights))
     else:
@@ -97,6 +97,19 @@ def _cached_clip(repo: str, filename: str, use_hub: bool, url: str) -> bool:
         names = [filename, f"{stem}.safetensors", "open_clip_model.safetensors"]
         return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
     return bool(url) and os.path.isfile(os.path.expanduser(f"~/.cache/clip/{os.path.basename(url)}"))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger; we say it once."""
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 @contextlib.contextmanager
