@@ -102,7 +102,7 @@ def _is_truncated(data: bytes) -> bool:
 
 
 # OpenCV 5 moved the log level into cv2.utils.logging; 4.x (what the `serve` extra installs, for
-# numpy 1.x) has it at the top level. Both decode and resize bit-identically (tests/test_image_io.py).
+# numpy 1.x) has it at the top level. 4.11 and 5.0 decoded and resized bit-identically (README: Serving).
 _cv2_logging = getattr(cv2.utils, "logging", cv2)
 _get_log_level, _set_log_level = _cv2_logging.getLogLevel, _cv2_logging.setLogLevel
 
