@@ -81,12 +81,20 @@ class AotiExecutor:
 
 def make_executor(bundle: Bundle, name: str, backend: str = "onnxruntime", device: torch.device | str = "cpu"):
     device = torch.device(device)
-    if backend == "onnxruntime":
-        return OrtExecutor(bundle.graph_file(name, "onnx"), device)
-    if backend == "aoti":
-        return AotiExecutor(bundle.graph_file(name, f"aoti-{device.type}"), device)
-    if backend == "tensorrt":
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
+                          "(or torch, without --engine)")
+    try:
+        if backend == "onnxruntime":
+            return OrtExecutor(bundle.graph_file(name, "onnx"), device)
+        if backend == "aoti":
+            return AotiExecutor(bundle.graph_file(name, f"aoti-{device.type}"), device)
         from .tensorrt import TensorRTExecutor
 
         return TensorRTExecutor(bundle, name, device)
-    raise BundleError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} (or torch, without --engine)")
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each runtime raises its own types for a file it cannot load
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise BundleError(f"{bundle.path}: {backend} could not load graph {name} ({type(e).__name__}: {reason}); "
+                          "re-export the bundle with this corrclip and torch") from e

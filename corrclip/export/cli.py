@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.crop is None:
         args.crop = presets.DEFAULTS[args.method].crop
-    if args.crop % 56:
-        print(f"error: --crop must be a multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
+    if args.crop <= 0 or args.crop % 56:
+        print(f"error: --crop must be a positive multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
               file=sys.stderr)
         return 2
     try:
@@ -147,9 +147,20 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
 
     from ..engine.executors import AotiExecutor
 
-    tol = TOLERANCE[{torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]]
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    tol = TOLERANCE[precision]
     report = {"tolerance": tol}
-    sess = ort.InferenceSession(str(folder / files[0]["files"][0]), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if dtype == torch.float16:
+        # The CPU provider's layout optimizations crash the process (SIGSEGV) on fp16 transformer graphs
+        # (onnxruntime 1.32, cf. microsoft/onnxruntime#15494); the level below them is safe.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    try:
+        sess = ort.InferenceSession(str(folder / files[0]["files"][0]), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ParityError(f"ONNX Runtime's CPU provider cannot run graph {graph.name} at {precision} ({reason}), so "
+                          "its parity cannot be checked; export with --precision fp32 or fp16") from e
     aoti = AotiExecutor(folder / files[1]["files"][0], torch.device(device)) if len(files) > 1 else None
     for i, sizes in enumerate(graph.sizes):
         inputs = _cast(graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i)), dtype)
