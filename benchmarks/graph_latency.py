@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
+from corrclip.engine.backends import make_executor
 from corrclip.engine.bundle import load_bundle
-from corrclip.engine.executors import make_executor
 from corrclip.export.graphs import method_graphs
 from corrclip.models.build import build_models
 from corrclip.runtime.timing import median_seconds

@@ -30,9 +30,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from research_style import ResearchStylePath
 
+from corrclip import methods
 from corrclip.api import Segmenter
 from corrclip.models.build import build_models
-from corrclip.presets import Settings, dataset_settings
+from corrclip.presets import Settings
 from corrclip.runtime.amg import AmgSettings
 from corrclip.runtime.pipeline import STAGES
 from corrclip.runtime.preprocess import resized_size, sliding_windows
@@ -160,15 +161,15 @@ def run_config(paths: dict[str, tuple[Runner, bool]], research: ResearchStylePat
                name: str, points: int | None, args, device: torch.device) -> dict:
     """One workload at one SAM setting (points None: synthetic label maps given to every path)."""
     wl = WORKLOADS[name]
-    settings = dataset_settings(wl.preset)
+    settings = methods.get("corrclip").settings(wl.preset)
     images = [synthetic_image(wl.height, wl.width, seed) for seed in range(args.batch)]
     if points is None:
         given = [synthetic_label_map(wl.height, wl.width, args.regions, seed) for seed in range(args.batch)]
     else:
         research.set_points(points)
         for seg in segs.values():
-            if seg.pipeline.mask_generator is not None:
-                seg.pipeline.mask_generator.settings.points_per_side = points
+            if seg.amg is not None:
+                seg.amg.points_per_side = points
         # Paths without a mask generator (a bundle exported without SAM) get the research path's label maps.
         lacking = any(not own for _, own in paths.values())
         given = [research.generate_mask(img) for img in images] if lacking else None
@@ -342,20 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine:
         for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
             try:
-                segs[backend] = Segmenter(engine=args.engine, backend=backend, device=device,
-                                          amg=AmgSettings(points_per_side=points[0]))
+                segs[backend] = Segmenter.from_bundle(args.engine, backend, device=device,
+                                                      amg=AmgSettings(points_per_side=points[0]))
             except Exception as e:  # noqa: BLE001 - e.g. a backend not installed: report it, time the rest
                 errors[backend] = f"{type(e).__name__}: {str(e)[:300]}"
     results = []
     for wl in workloads:
         preset = WORKLOADS[wl].preset
-        vocab, settings = benchmark_vocabulary(preset), dataset_settings(preset)
+        vocab, settings = benchmark_vocabulary(preset), methods.get("corrclip").settings(preset)
         paths = {"research": (research_runner(research, vocab, settings), True)}
         for key, seg in segs.items():
-            paths[key] = (segmenter_runner(seg, vocab, settings), seg.pipeline.mask_generator is not None)
+            paths[key] = (segmenter_runner(seg, vocab, settings), seg.has_mask_generator)
         research.text(vocab)  # once, before timing: the research code embeds its classes at start-up
         for seg in segs.values():
-            seg.pipeline.text(vocab)
+            seg.text_embeddings(vocab)
         for p in points if args.masks == "sam" else [None]:
             config = run_config(paths, research, segs, wl, p, args, device)
             config["paths"].update({k: {"error": v} for k, v in errors.items()})

@@ -4,24 +4,25 @@
     seg = Segmenter("vit_b")                       # official weights (downloaded once)
     out = seg.segment("street.jpg", "sky; cloud, road, car")[0]
     out.labels, out.names                          # [H, W] class indices, class names
+
+    eng = Segmenter.from_bundle("bundles/vit_b", backend="onnxruntime")   # an exported engine
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import open_clip
 import torch
 
-from . import presets
-from .models.build import build_models
+from . import methods, presets
+from .engine.bundle import Bundle
 from .models.clip import ClipText
 from .runtime.image_io import decode_image
-from .runtime.methods import Cliptrase, CorrClip, Dense, build_method
 from .runtime.pipeline import Pipeline, Segmentation
-from .runtime.text import TextEmbedder
+from .runtime.text import TextCache, TextEmbedder, default_cache_dir
 from .vocab import Vocabulary, benchmark_vocabulary, parse_classes
 
 ImageLike = str | os.PathLike | bytes | np.ndarray
@@ -40,81 +41,113 @@ def as_vocabulary(classes: str | Sequence[str] | Vocabulary) -> Vocabulary:
 
 
 class Segmenter:
-    """CorrCLIP open-vocabulary segmentation with the torch reference backend.
+    """Open-vocabulary segmentation with one of the registered methods (corrclip.methods) on the torch
+    reference backend; `Segmenter.from_bundle` runs an exported engine instead.
 
     weights: "official" (each model's official checkpoint) or "random" (seeded random weights:
     exercises the pipeline and its timing, segments nothing meaningful). clip_weights,
     dino_weights and sam_weights override one model each (a tag or a local file). sam="none"
-    builds no mask generator: every call then needs label maps.
+    builds no mask generator: every call then needs label maps. text_cache: a folder for the text
+    embeddings' disk cache (default $CORRCLIP_CACHE/text or ~/.cache/corrclip/text), or False for none.
     """
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
-                 amg=None, device: str | torch.device | None = None, max_windows: int = 8,
-                 engine: str | os.PathLike | None = None, backend: str = "onnxruntime", method: str = "corrclip"):
+                 amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip",
+                 text_cache: str | os.PathLike | bool = True):
         self.device = torch.device(device) if device is not None else default_device()
-        self.bundle = None
-        if engine is not None:
-            self._init_from_bundle(engine, backend, amg, max_windows)
-            return
-        if method not in presets.METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(presets.METHODS)}")
-        self.method = method
-        if method != "corrclip":
-            # SC-CLIP and CLIPtrase need neither DINO nor SAM, and their research code uses OpenAI CLIP.
-            sam = "none"
-            if clip_weights is None and backbone in presets.OPENAI_ARCH:
-                arch = presets.OPENAI_ARCH[backbone]
-                clip_weights = f"{arch}:random" if weights == "random" else "openai"
-        models = build_models(backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
-                              sam_weights=sam_weights, sam=sam, dino=None if method == "corrclip" else "none",
-                              device=self.device)
-        self.backbone, self.identity = models.backbone, models.identity
-        clip, clip_arch = models.clip, models.clip_arch
+        self.bundle: Bundle | None = None
+        self.backend = "torch"
+        spec = methods.get(method)
+        models = methods.build_models(spec, backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
+                                      sam_weights=sam_weights, sam=sam, device=self.device)
+        self.method, self.backbone, self.identity = spec.name, models.backbone, models.identity
         masks = None
         if models.sam is not None:
             from .runtime.amg import AmgSettings, MaskGenerator
 
-            masks = MaskGenerator(models.sam, amg or AmgSettings())
-        tokenizer = open_clip.get_tokenizer("ViT-B-16" if clip_arch == "tiny" else clip_arch)
-        text = TextEmbedder(ClipText(clip), tokenizer, self.device)
-        self.pipeline = Pipeline(build_method(method, models, self.device), text, masks, self.device, max_windows)
+            masks = MaskGenerator.from_sam(models.sam, amg or AmgSettings())
+        tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
+        tower, local = models.identity["clip"], models.weight_files.get(clip_weights or "")
+        text = TextEmbedder(ClipText(models.clip), tokenizer, self.device,
+                            identity=f"{tower}#{local}" if local else tower, cache=_text_cache(text_cache))
+        encoder = spec.build_encoder(models, self.device)
+        self.pipeline = Pipeline(encoder, text, masks, self.device, max_windows)
 
-    def default_settings(self, preset: str | None = None, **overrides) -> presets.Settings:
-        """The method's settings for a benchmark preset (None: the method's defaults), with overrides."""
-        return presets.dataset_settings(preset, self.method, **overrides)
-
-    def _init_from_bundle(self, path, backend: str, amg, max_windows: int) -> None:
-        """Runs the exported graphs (no model code in the loop): ONNX Runtime, AOTInductor or TensorRT."""
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, backend: str = "onnxruntime", *,
+                    device: str | torch.device | None = None, amg=None, max_windows: int = 8,
+                    precision: str = "fp32", text_cache: str | os.PathLike | bool = True) -> Segmenter:
+        """An engine bundle from corrclip-export, its graphs run by `backend` (corrclip.engine.backends):
+        no model code in the loop. `precision` reaches backends that choose it at load time (OpenVINO)."""
+        from .engine.backends import make_executor
         from .engine.bundle import load_bundle
-        from .engine.executors import make_executor
 
+        self = cls.__new__(cls)
+        self.device = torch.device(device) if device is not None else default_device()
         bundle = self.bundle = load_bundle(path)
+        self.backend = backend
         mf = bundle.manifest
-        self.method = mf["method"]
-        self.backbone, self.identity = presets.backbone(mf["backbone"]), dict(mf["weights"])
-        run = {}
-        for name, graph in bundle.graphs.items():
-            # TensorRT has no float64: SAM's decoder (float64 points, for fidelity) runs on ONNX Runtime.
-            float64 = any(i["dtype"] == "float64" for i in graph["inputs"])
-            run[name] = make_executor(bundle, name, "onnxruntime" if backend == "tensorrt" and float64 else backend,
-                                      self.device)
+        spec = methods.get(mf["method"])
+        self.method, self.backbone, self.identity = spec.name, presets.backbone(mf["backbone"]), dict(mf["weights"])
+        run = {name: make_executor(bundle, name, backend, self.device, precision) for name in bundle.graphs}
         masks = None
         if "sam_encoder" in run:
             from .runtime.amg import AmgSettings, MaskGenerator
 
-            masks = MaskGenerator(_SamShell(mf["sam"], self.device), amg or AmgSettings())
-            masks.encoder, masks.decoder = (lambda x: run["sam_encoder"](x)[0]), run["sam_decoder"]
+            sam = mf["sam"]
+            masks = MaskGenerator(lambda x: run["sam_encoder"](x)[0], run["sam_decoder"], img_size=sam["img_size"],
+                                  pixel_mean=sam["pixel_mean"], pixel_std=sam["pixel_std"], device=self.device,
+                                  settings=amg or AmgSettings())
+        # The text graph's file hash names its weights and precision exactly.
+        onnx = next(e for e in mf["graphs"]["clip_text"]["files"] if e["format"] == "onnx")
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
-                            self.device)
-        patch = mf["clip"]["patch"]
-        if self.method == "corrclip":
-            method = CorrClip(lambda w: run["dino"](w)[0], run["clip_trunk"], lambda *a: run["corr_head"](*a)[0], patch)
-        elif self.method == "sc-clip":
-            method = Dense("sc-clip", lambda w: run["clip_dense"](w)[0], patch)
-        else:
-            method = Cliptrase(run["clip_dense"], patch)
-        self.pipeline = Pipeline(method, text, masks, self.device, max_windows, window=mf["window"]["crop"])
+                            self.device, identity=f"clip_text.onnx#{onnx['sha256'][onnx['file']]}",
+                            cache=_text_cache(text_cache))
+        self.pipeline = Pipeline(spec.from_graphs(run, mf), text, masks, self.device, max_windows,
+                                 window=mf["window"]["crop"])
+        return self
+
+    @property
+    def needs_masks(self) -> bool:
+        """True when every call must bring region label maps: the method uses regions and no SAM was built."""
+        return self.pipeline.method.needs_masks and self.pipeline.mask_generator is None
+
+    @property
+    def has_mask_generator(self) -> bool:
+        return self.pipeline.mask_generator is not None
+
+    @property
+    def amg(self):
+        """The mask generator's settings (runtime.amg.AmgSettings, mutable), or None without SAM."""
+        gen = self.pipeline.mask_generator
+        return gen.settings if gen is not None else None
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether any model runs seeded random weights (timing only: the labels mean nothing)."""
+        return any(str(v).endswith(":random") for k, v in self.identity.items() if k != "backbone")
+
+    @property
+    def stages(self) -> dict[str, Callable]:
+        """Stage name -> the graph (torch module or executor) it runs."""
+        gen = self.pipeline.mask_generator
+        return {**(gen.stages if gen is not None and hasattr(gen, "stages") else {}), **self.pipeline.method.stages}
+
+    def settings_for(self, preset: str | None = None, **overrides) -> presets.Settings:
+        """The method's settings for a benchmark preset (None: the method's defaults), with overrides."""
+        return methods.get(self.method).settings(preset, **overrides)
+
+    def text_embeddings(self, classes: str | Sequence[str] | Vocabulary) -> torch.Tensor:
+        """[Q, E] normalized text embeddings of a vocabulary's queries (cached per vocabulary)."""
+        return self.pipeline.text(as_vocabulary(classes))
+
+    def run(self, images: Sequence[np.ndarray], vocab: Vocabulary, settings: presets.Settings,
+            label_maps: Sequence[np.ndarray | None] | None = None, return_probs: bool = False,
+            count_flops: bool = False) -> list[Segmentation]:
+        """Decoded RGB uint8 images -> one Segmentation each (labels, names, optional probs, stage timings).
+        The call the CLI, bench, eval and serve use; `segment` is the convenient front door."""
+        return self.pipeline(images, vocab, settings, label_maps, return_probs=return_probs, count_flops=count_flops)
 
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Sequence[str] | Vocabulary | None = None,
                 *, preset: str | None = None, masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
@@ -122,7 +155,7 @@ class Segmenter:
         """Segments one image or a list. `classes` (e.g. "sky; cloud, road, car": commas separate
         classes, semicolons synonyms) or `preset` (a benchmark: its classes and settings).
         `masks`: region label maps at each image's resolution (skips SAM). `overrides`: fields of
-        presets.Settings, e.g. prob_thd=0.2."""
+        the method's settings, e.g. prob_thd=0.2."""
         single = isinstance(images, (str, os.PathLike, bytes, np.ndarray)) and not (
             isinstance(images, np.ndarray) and images.ndim == 4)
         batch = [images] if single else list(images)
@@ -131,32 +164,15 @@ class Segmenter:
         if classes is None and preset is None:
             raise ValueError("give classes (e.g. 'sky, road, car') or a preset (e.g. 'voc21')")
         vocab = as_vocabulary(classes) if classes is not None else benchmark_vocabulary(preset)
-        settings = self.default_settings(preset, **overrides)
+        settings = self.settings_for(preset, **overrides)
         if masks is not None and (single or isinstance(masks, np.ndarray)):
             masks = [masks]
         if masks is not None and len(masks) != len(decoded):
             raise ValueError(f"got {len(masks)} label maps for {len(decoded)} images")
-        return self.pipeline(decoded, vocab, settings, masks, return_probs=return_probs)
+        return self.run(decoded, vocab, settings, masks, return_probs=return_probs)
 
 
-class _SamShell(torch.nn.Module):
-    """What the mask generator reads from a segment_anything Sam (device, input size, the
-    normalize-and-pad step) when the encoder and decoder are exported graphs instead."""
-
-    def __init__(self, info: dict, device: torch.device):
-        super().__init__()
-        import types
-
-        self.image_encoder = types.SimpleNamespace(img_size=info["img_size"])
-        self.prompt_encoder = self.mask_decoder = None
-        self.register_buffer("pixel_mean", torch.tensor(info["pixel_mean"], device=device).view(-1, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(info["pixel_std"], device=device).view(-1, 1, 1))
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.pixel_mean) / self.pixel_std
-        size = self.image_encoder.img_size
-        return torch.nn.functional.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+def _text_cache(choice: str | os.PathLike | bool) -> TextCache | None:
+    if choice is False or choice is None:
+        return None
+    return TextCache(default_cache_dir() if choice is True else choice)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli_args import add_model_args
 from .runtime.timing import median_seconds
 
 STAGE_ORDER = ("masks", "masks.sam_encoder", "masks.prompt_decoding", "masks.mask_postprocess", "preprocess", "text",
@@ -33,14 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  corrclip bench --backbone vit_b --weights random --synthetic 1 --size 500x375 --preset voc21\n"
                "  corrclip bench --engine bundles/vit_b --backend onnxruntime --images a.jpg --json out.json\n"
                "  corrclip bench --backbone tiny --runs 20 --points-per-side 8 --classes 150")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--engine", type=Path, help="an engine bundle from corrclip-export")
-    src.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
-    p.add_argument("--weights", default="random", choices=["official", "random"],
-                   help="for --backbone (default random: timing does not depend on weight values)")
-    p.add_argument("--method", default="corrclip", choices=["corrclip", "sc-clip", "cliptrase"])
-    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "aoti", "tensorrt"],
-                   help="default: torch for --backbone, onnxruntime for --engine")
+    add_model_args(p, weights_default="random")  # timing does not depend on weight values
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--images", nargs="+", type=Path, help="image files")
     inp.add_argument("--synthetic", type=int, default=1, help="N synthetic images (default 1)")
@@ -49,14 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     vocab = p.add_mutually_exclusive_group()
     vocab.add_argument("--preset", default=None, help="benchmark classes and settings (e.g. voc21, ade20k)")
     vocab.add_argument("--classes", type=int, default=None, help="K synthetic class names")
-    p.add_argument("--points-per-side", type=int, default=32, help="SAM prompt grid (default 32)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="torch backend: autocast dtype on CUDA (fp32 = none)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-flops", action="store_true", help="skip the extra FLOP-counting run")
-    p.add_argument("--device", default=None)
     p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.set_defaults(run=run)
 
 
 def synthetic_image(w: int, h: int, seed: int) -> np.ndarray:
@@ -87,22 +80,9 @@ def device_ceilings(device: torch.device) -> dict[str, float]:
 
 
 def weight_bytes(seg) -> dict[str, int]:
-    """Weights each stage reads once per call (a lower bound on its bytes moved); torch backend only."""
-    p = seg.pipeline
-    m = p.method
-    out: dict[str, int] = {}
-
-    def size(mod) -> int:
-        return sum(t.numel() * t.element_size() for t in mod.parameters()) if isinstance(mod, torch.nn.Module) else 0
-
-    if hasattr(m, "dino"):
-        out["dino"], out["clip_trunk"], out["corr_head"] = size(m.dino), size(m.trunk), size(m.head)
-    if getattr(p, "mask_generator", None) is not None and isinstance(getattr(p.mask_generator, "sam", None),
-                                                                       torch.nn.Module):
-        sam = p.mask_generator.sam
-        out["masks.sam_encoder"] = size(sam.image_encoder)
-        out["masks.prompt_decoding"] = size(sam.mask_decoder) + size(sam.prompt_encoder)
-    return out
+    """Weights each stage reads once per call (a lower bound on its bytes moved); torch modules only."""
+    return {stage: sum(t.numel() * t.element_size() for t in mod.parameters())
+            for stage, mod in seg.stages.items() if isinstance(mod, torch.nn.Module)}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -111,28 +91,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import Segmenter
+    from .cli_args import UsageError, build_segmenter
     from .engine.bundle import BundleError
     from .models.checkpoints import WeightsError
-    from .runtime.amg import AmgSettings
     from .runtime.image_io import decode_image
     from .vocab import BENCHMARKS, Vocabulary, benchmark_vocabulary
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amg = AmgSettings(points_per_side=args.points_per_side)
-    backend = args.backend or ("onnxruntime" if args.engine else "torch")
     try:
-        if args.engine:
-            seg = Segmenter(engine=args.engine, backend=backend, amg=amg, device=device)
-        else:
-            if backend != "torch":
-                print("error: --backend other than torch needs --engine DIR (corrclip-export makes one)",
-                      file=sys.stderr)
-                return 2
-            seg = Segmenter(args.backbone, args.weights, amg=amg, device=device, method=args.method)
-    except (WeightsError, BundleError, ValueError) as e:
+        seg = build_segmenter(args)
+    except (UsageError, WeightsError, BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    device, backend = seg.device, seg.backend
     if args.images:
         images = [decode_image(p) for p in args.images]
     else:
@@ -143,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         vocab = Vocabulary(tuple((n,) for n in names[: args.classes]))
     else:
         vocab = benchmark_vocabulary(args.preset or "voc21")
-    settings = seg.default_settings(args.preset if args.preset in BENCHMARKS else None)
+    settings = seg.settings_for(args.preset if args.preset in BENCHMARKS else None)
     autocast = (torch.autocast("cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision])
                 if args.precision != "fp32" and device.type == "cuda" else None)
     batches = [images[i: i + args.batch] for i in range(0, len(images), args.batch)]
@@ -151,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     def call(batch, count_flops=False):
         ctx = autocast if autocast is not None else torch.inference_mode()
         with ctx:
-            return seg.pipeline(batch, vocab, settings, count_flops=count_flops)
+            return seg.run(batch, vocab, settings, count_flops=count_flops)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         "backend": backend, "method": seg.method, "engine": str(args.engine) if args.engine else None,
         "backbone": seg.backbone.name, "weights": seg.identity, "batch": args.batch, "image_sizes": [
             list(im.shape[:2]) for im in images], "queries": vocab.num_queries, "classes": vocab.num_classes,
-        "points_per_side": args.points_per_side, "warmup": args.warmup, "runs": args.runs,
+        "points_per_side": seg.amg.points_per_side if seg.amg is not None else None, "warmup": args.warmup,
+        "runs": args.runs,
         "stages_ms": stages, "total_ms": percentiles(walls), "images_per_s": args.batch / float(np.median(walls)),
         "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -207,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(r: dict) -> None:
-    sam = f"{r['points_per_side']}x{r['points_per_side']} SAM points" if r["method"] == "corrclip" else "no SAM"
+    sam = f"{r['points_per_side']}x{r['points_per_side']} SAM points" if r["points_per_side"] else "no SAM"
     print(f"\n{r['backbone']} / {r['method']} / {r['backend']} on {r['device']}: batch {r['batch']}, "
           f"{r['queries']} queries, {sam}, {r['runs']} runs")
     print(f"{'stage':<24}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'GFLOP':>10}{'floor ms':>10}")

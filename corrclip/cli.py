@@ -15,11 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-RANDOM_WARNING = (
-    "WARNING: running with RANDOM weights. They exercise the whole pipeline and its timing, but the\n"
-    "         label maps mean nothing. Use --weights official (or local files) for real results."
-)
+from .cli_args import add_model_args
 
 
 def _segment_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,45 +44,32 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
                       "coco_object, coco_stuff, city_scapes, ade20k")
     p.add_argument("--masks", nargs="+", type=Path, help="region label maps (PNG/NPZ 'instance_mask'/NPY), one per "
                    "image or a folder with NAME.png/.npz; skips SAM for those images")
-    p.add_argument("--method", default="corrclip", choices=["corrclip", "sc-clip", "cliptrase"],
-                   help="corrclip (CLIP + DINO + SAM regions, default), sc-clip (CLIP only: the low-latency "
-                        "mode), cliptrase (CLIP only, self-correlation clustering)")
-    p.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
-                   help="model sizes (default vit_b: MetaCLIP ViT-B/16 + DINO ViT-B/8 + SAM ViT-B)")
-    p.add_argument("--weights", choices=["official", "random"], default=None,
-                   help="official checkpoints (downloaded once) or seeded random weights "
-                        "(default: official; random for --backbone tiny)")
-    p.add_argument("--clip-weights", help="open_clip tag (e.g. metaclip_fullcc, openai), ARCH:TAG, or a local file")
-    p.add_argument("--dino-weights", help="local DINO checkpoint (e.g. dino_vitbase8_pretrain.pth)")
-    p.add_argument("--sam-weights", help="local SAM checkpoint (e.g. sam_vit_b_01ec64.pth)")
-    p.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h", "tiny", "none"],
-                   help="SAM model for region masks (default: the backbone's; none = --masks required)")
-    p.add_argument("--points-per-side", type=int, default=None, help="SAM prompt grid (default 32; 8 is ~4x faster)")
     p.add_argument("--prob-thd", type=float, default=None, help="probability below which a pixel becomes class 0")
-    p.add_argument("--engine", type=Path, help="run an engine bundle from corrclip-export instead of the torch "
-                   "models (--backbone and the weight flags are then taken from the bundle)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "aoti", "tensorrt"],
-                   help="how to run --engine's graphs (default onnxruntime)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    add_model_args(p)
+    p.set_defaults(run=_segment)
+
+
+# Subcommand modules: each has add_parser(subparsers), which sets `run` (args -> exit code) as a default.
+COMMANDS = ("corrclip.cli", "corrclip.bench")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    _segment_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="corrclip", description="Training-free open-vocabulary semantic segmentation (CorrCLIP engine).")
     parser.add_argument("--version", action="version", version=f"corrclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _segment_parser(sub)
-    from .bench import add_parser as bench_parser
-
-    bench_parser(sub)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "bench":
-            from .bench import run
-
-            return run(args)
-        return _segment(args)
+        return args.run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -100,10 +83,10 @@ def _fail(msg: str) -> int:
 def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .api import Segmenter
+    from . import methods
+    from .cli_args import UsageError, build_segmenter, warn_if_random
     from .engine.bundle import BundleError
     from .models.checkpoints import WeightsError
-    from .presets import dataset_settings
     from .runtime.image_io import ImageError, decode_image, load_label_map
     from .runtime.visualize import make_palette, overlay, save_label_png, summary
     from .vocab import VocabularyError, benchmark_vocabulary, load_classes_file, parse_classes
@@ -111,7 +94,7 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         if args.preset:
             vocab = benchmark_vocabulary(args.preset)
-            dataset_settings(args.preset, args.method)  # fail early on an unknown preset
+            methods.get(args.method).settings(args.preset)  # fail early on an unknown preset
         else:
             vocab = load_classes_file(args.classes[1:]) if args.classes.startswith("@") else parse_classes(args.classes)
     except (VocabularyError, ValueError, OSError) as e:
@@ -119,28 +102,12 @@ def _segment(args: argparse.Namespace) -> int:
     masks = _mask_paths(args)
     if isinstance(masks, str):
         return _fail(masks)
-    weights = args.weights or ("random" if args.backbone == "tiny" else "official")
-    if args.engine is None and weights == "random":
-        print(RANDOM_WARNING, file=sys.stderr)
-    amg = None
-    if args.points_per_side:
-        from .runtime.amg import AmgSettings
-
-        amg = AmgSettings(points_per_side=args.points_per_side)
-    all_masked = all(m is not None for m in masks)
     try:
-        if args.engine is not None:
-            seg = Segmenter(engine=args.engine, backend=args.backend, amg=amg, device=args.device)
-            weights = "random" if "random" in json.dumps(seg.identity) else "official"
-            if weights == "random":
-                print(RANDOM_WARNING, file=sys.stderr)
-        else:
-            seg = Segmenter(args.backbone, weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
-                            sam_weights=args.sam_weights, sam="none" if all_masked and not args.sam else args.sam,
-                            amg=amg, device=args.device, method=args.method)
-    except (WeightsError, BundleError) as e:
+        seg = build_segmenter(args, masks_given=all(m is not None for m in masks))
+        settings = seg.settings_for(args.preset, prob_thd=args.prob_thd)
+    except (UsageError, WeightsError, BundleError, ValueError) as e:
         return _fail(str(e))
-    settings = seg.default_settings(args.preset, prob_thd=args.prob_thd)
+    warn_if_random(seg)
     args.out.mkdir(parents=True, exist_ok=True)
     palette = make_palette(max(256, vocab.num_classes))
     failures: list[str] = []
@@ -149,20 +116,21 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             image = decode_image(path)
             label_map = load_label_map(mask_path, image.shape[:2]) if mask_path else None
-            if label_map is None and seg.pipeline.method.needs_masks and seg.pipeline.mask_generator is None:
+            if label_map is None and seg.needs_masks:
                 raise ImageError("no region masks; pass --masks or drop --sam none")
-            result = seg.pipeline([image], vocab, settings, [label_map])[0]
+            result = seg.run([image], vocab, settings, [label_map])[0]
         except (ImageError, ValueError, OSError) as e:
-            failures.append(f"{path}: {e}")
-            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            # ImageError messages already start with the file they are about (the image or its label map).
+            failures.append(str(e) if isinstance(e, ImageError) else f"{path}: {e}")
+            tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
             continue
         stem = path.stem
         save_label_png(args.out / f"{stem}_labels.png", result.labels, palette)
         overlay(image, result.labels, result.names, palette).save(args.out / f"{stem}_overlay.png")
         info = summary(result.names, result.labels, result.timings,
                        {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
-                        "engine": str(args.engine) if args.engine else None,
-                        "method": seg.method, "random_weights": weights == "random",
+                        "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
+                        "method": seg.method, "random_weights": seg.random_weights,
                         "settings": settings.__dict__})
         (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
         for k, v in result.timings.items():

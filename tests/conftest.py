@@ -6,12 +6,16 @@ it before anything imports Triton.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Caches (text embeddings) go to a fresh folder per session: no state from the user's ~/.cache leaks in.
+os.environ["CORRCLIP_CACHE"] = tempfile.mkdtemp(prefix="corrclip-test-cache-")
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_same_masks_as_segment_anything(sam: Sam, case: str) -> None:
     image = shapes_image(h, w, seed)
     common = dict(points_per_side=6, points_per_batch=16, stability_score_offset=0.005, **kw)
     ref = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **common).generate(image)
-    gen = MaskGenerator(sam, AmgSettings(**common))
+    gen = MaskGenerator.from_sam(sam, AmgSettings(**common))
     got = gen.generate(image)
 
     counts = gen.last_counts
@@ -118,6 +118,6 @@ def test_sam2_label_map() -> None:
 
 
 def test_everything_filtered(sam: Sam) -> None:
-    gen = MaskGenerator(sam, AmgSettings(points_per_side=2, points_per_batch=2, pred_iou_thresh=10.0))
+    gen = MaskGenerator.from_sam(sam, AmgSettings(points_per_side=2, points_per_batch=2, pred_iou_thresh=10.0))
     labels = gen.label_map(shapes_image(40, 30, 0))
     assert gen.last_counts["after_iou"] == 0 and labels.shape == (40, 30) and not labels.any()

@@ -100,7 +100,7 @@ def test_cliptrase_end_to_end_against_reference(segmenters, blocks, monkeypatch)
     maps, windows painted in order, and a torch.mode vote in every painted region."""
     seg = segmenters["cliptrase"]
     vocab = as_vocabulary(CLASSES)
-    s = seg.default_settings(None, cls_prior=True)
+    s = seg.settings_for(None, cls_prior=True)
     painted, paint = [], pipeline_module.paint_window_regions
 
     def spy(*args):
@@ -136,10 +136,10 @@ def test_cliptrase_end_to_end_against_reference(segmenters, blocks, monkeypatch)
 
 
 def test_methods_use_their_settings(segmenters):
-    assert segmenters["sc-clip"].default_settings("voc21").area_thd == 0.1
-    assert segmenters["sc-clip"].default_settings("voc21").crop == 224
-    assert segmenters["cliptrase"].default_settings("voc20").cls_prior
-    assert segmenters["corrclip"].default_settings("voc21").prob_thd == 0.2
+    assert segmenters["sc-clip"].settings_for("voc21").area_thd == 0.1
+    assert segmenters["sc-clip"].settings_for("voc21").crop == 224
+    assert segmenters["cliptrase"].settings_for("voc20").cls_prior
+    assert segmenters["corrclip"].settings_for("voc21").prob_thd == 0.2
 
 
 def test_three_methods_share_one_code_path(segmenters, image, monkeypatch):
@@ -172,7 +172,7 @@ def test_bundle_matches_torch(tmp_path, blocks, segmenters, method):
     assert mf["method"] == method and set(mf["graphs"]) == {"clip_dense", "clip_text"}
     # VOC20: CLIPtrase's CLS prior runs on the exported graph's CLS output too.
     ref = segmenters[method].segment(blocks, preset="voc20", return_probs=True)[0]
-    eng = Segmenter(engine=out, device="cpu").segment(blocks, preset="voc20", return_probs=True)[0]
+    eng = Segmenter.from_bundle(out, device="cpu").segment(blocks, preset="voc20", return_probs=True)[0]
     assert len(np.unique(ref.labels)) >= 3  # several classes: agreement means something
     assert (eng.labels == ref.labels).mean() >= 0.999
     np.testing.assert_allclose(eng.probs, ref.probs, atol=1e-3)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, presets
-from ..engine.bundle import SCHEMA_VERSION, BundleError, BundleWriter
-from ..models.build import Models, build_models
+from .. import __version__, methods
+from ..cli_args import add_weights_args
+from ..engine.bundle import SCHEMA_VERSION, Bundle, BundleError, BundleWriter
+from ..models.build import Models
 from ..models.checkpoints import WeightsError
-from .formats import write_aoti, write_onnx
+from .formats import FORMATS, stored_format
 from .graphs import Graph, method_graphs
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # max |a - b| / max |torch|
@@ -40,23 +41,14 @@ def parser() -> argparse.ArgumentParser:
         description="Export CorrCLIP's graphs (CLIP text, CLIP trunk, DINO, correlation head, SAM encoder and "
                     "decoder) into an engine bundle that `corrclip segment --engine DIR` and C/C++ hosts run.",
         epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--method", default="corrclip", choices=list(presets.METHODS),
-                   help="corrclip (default), sc-clip or cliptrase (CLIP only: no DINO or SAM graphs)")
-    p.add_argument("--backbone", default="vit_b", choices=list(presets.BACKBONES))
-    p.add_argument("--clip", help="CLIP as ARCH:WEIGHTS (open_clip tag or local file), e.g. ViT-B-16:openai")
+    add_weights_args(p)
     p.add_argument("--dino", choices=["dino_vitb8", "dino_vits8", "tiny"], help="DINO model (default: the backbone's)")
-    p.add_argument("--dino-weights", help="local DINO checkpoint")
-    p.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h", "tiny", "none"],
-                   help="SAM model (default: the backbone's); none = the bundle needs user label maps")
-    p.add_argument("--sam-weights", help="local SAM checkpoint")
-    p.add_argument("--weights", choices=["official", "random"], default=None,
-                   help="default weights of every model (default: official; random for tiny)")
-    p.add_argument("--format", default="onnx", help="comma list of onnx, aoti, tensorrt (default onnx)")
+    p.add_argument("--format", default="onnx", help=f"comma list of {', '.join(FORMATS)} (default onnx; onnx is "
+                   "always written; TensorRT engines are built from the ONNX graphs on the target GPU)")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--crop", type=int, default=None,
                    help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
-    p.add_argument("--device", default="cpu", help="device to export/compile on (AOTInductor builds for it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     return p
@@ -64,26 +56,26 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.device = args.device or "cpu"  # the device to export and compile (AOTInductor) on
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    bad = [f for f in formats if f not in ("onnx", "aoti", "tensorrt")]
-    if bad or "onnx" not in formats:
-        print(f"error: --format takes onnx plus optionally aoti and tensorrt (got {args.format!r})", file=sys.stderr)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        hint = " (TensorRT engines are built from the ONNX graphs at first load: export onnx)" \
+            if "tensorrt" in bad else ""
+        print(f"error: unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}{hint}", file=sys.stderr)
         return 2
+    formats = ["onnx"] + [f for f in formats if f != "onnx"]  # C/C++ hosts and most backends read ONNX
+    method = methods.get(args.method)
     if args.crop is None:
-        args.crop = presets.DEFAULTS[args.method].crop
+        args.crop = method.defaults.crop
     if args.crop <= 0 or args.crop % 56:
         print(f"error: --crop must be a positive multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
               file=sys.stderr)
         return 2
     try:
-        clip, sam, dino = args.clip, args.sam, args.dino
-        if args.method != "corrclip":  # CLIP only, OpenAI weights like the research code
-            sam, dino = "none", "none"
-            if clip is None and args.backbone in presets.OPENAI_ARCH:
-                random = (args.weights or "official") == "random"
-                clip = f"{presets.OPENAI_ARCH[args.backbone]}:{'random' if random else 'openai'}"
-        models = build_models(args.backbone, args.weights, clip_weights=clip, dino_weights=args.dino_weights,
-                              sam_weights=args.sam_weights, sam=sam, dino=dino, device=args.device)
+        models = methods.build_models(method, args.backbone, args.weights, clip_weights=args.clip_weights,
+                                      dino_weights=args.dino_weights, sam_weights=args.sam_weights, sam=args.sam,
+                                      dino=args.dino, device=args.device)
         writer = BundleWriter(args.out, overwrite=args.overwrite)
     except (WeightsError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,15 +110,15 @@ def export(models: Models, args: argparse.Namespace, formats: list[str], writer:
         gen = torch.Generator().manual_seed(0)
         example = _cast(graph.make_inputs(graph.sizes[0], gen), dtype)
         start = time.perf_counter()
-        files = [{"format": "onnx", "files": write_onnx(graph, example, writer.tmp, args.opset)}]
-        if "aoti" in formats:
-            files.append({"format": f"aoti-{torch.device(args.device).type}",
-                          "files": write_aoti(graph, _to(example, args.device), writer.tmp, args.device)})
+        files = []
+        for fmt in formats:
+            written = FORMATS[fmt](graph, _to(example, args.device if fmt == "aoti" else "cpu"), writer.tmp,
+                                   device=args.device, opset=args.opset)
+            files.append({"format": stored_format(fmt, args.device), "file": written[0], "written": written})
         seconds = time.perf_counter() - start
         parity = check_parity(graph, writer.tmp, files, dtype, args.device)
         for f in files:
-            f["file"] = f["files"][0]
-            f["sha256"] = writer.hashes(f.pop("files"))
+            f["sha256"] = writer.hashes(f.pop("written"))
         entries[graph.name] = {
             "files": files, "precision": args.precision, "export_seconds": round(seconds, 2),
             "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."),
@@ -135,43 +127,38 @@ def export(models: Models, args: argparse.Namespace, formats: list[str], writer:
             "outputs": graph.output_names, "dynamic_axes": graph.dynamic, "parity": parity,
             "bytes": sum((writer.tmp / r).stat().st_size for f in files for r in f["sha256"]),
         }
-    if "tensorrt" in formats:
-        print("note: TensorRT plans are built on the target GPU at first load (engine/tensorrt.py); "
-              "this machine has no TensorRT", file=sys.stderr)
     return manifest_for(models, args, entries)
 
 
 def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dtype, device: str) -> dict:
-    """Runs each exported file at both shapes against torch; raises ParityError past tolerance."""
-    import onnxruntime as ort
-
-    from ..engine.executors import AotiExecutor
+    """Runs each exported file at both shapes against torch, with the backend that verifies its format
+    (engine/backends: checks_export); raises ParityError past tolerance."""
+    from ..engine import backends
 
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     tol = TOLERANCE[precision]
     report = {"tolerance": tol}
-    opts = ort.SessionOptions()
-    if dtype == torch.float16:
-        # The CPU provider's layout optimizations crash the process (SIGSEGV) on fp16 transformer graphs
-        # (onnxruntime 1.32, cf. microsoft/onnxruntime#15494); the level below them is safe.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    try:
-        sess = ort.InferenceSession(str(folder / files[0]["files"][0]), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ParityError(f"ONNX Runtime's CPU provider cannot run graph {graph.name} at {precision} ({reason}), so "
-                          "its parity cannot be checked; export with --precision fp32 or fp16") from e
-    aoti = AotiExecutor(folder / files[1]["files"][0], torch.device(device)) if len(files) > 1 else None
+    runners = {}
+    for f in files:
+        fmt = f["format"].split("-")[0]  # "aoti-cpu" -> "aoti"
+        checker = backends.checker_for(fmt)
+        if checker is None:
+            raise ParityError(f"no backend verifies {fmt} files (engine/backends: checks_export)")
+        run_on = torch.device(device if checker.per_device_files else "cpu")
+        partial = Bundle(folder, {"graphs": {graph.name: {"files": [f], "inputs": [], "precision": precision}}})
+        try:
+            runners[fmt] = (checker.make(partial, graph.name, run_on), run_on)
+        except BundleError as e:  # e.g. ONNX Runtime's CPU provider has no bf16 kernels
+            reason = (str(e.__cause__ or e).strip().splitlines() or [""])[0][:200]
+            raise ParityError(f"{checker.name} cannot run graph {graph.name} at {precision} ({reason}), so its "
+                              "parity cannot be checked; export with another --precision") from e
     for i, sizes in enumerate(graph.sizes):
         inputs = _cast(graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i)), dtype)
         with torch.no_grad():
             ref = graph.module(*_to(inputs, device))
         ref = [r.float().cpu() for r in (ref if isinstance(ref, tuple) else (ref,))]
-        runs = {"onnx": [torch.from_numpy(o).float() for o in sess.run(
-            None, {n: t.numpy() for n, t in zip(graph.input_names, inputs)})]}
-        if aoti is not None:
-            runs["aoti"] = [o.float().cpu() for o in aoti(*_to(inputs, device))]
-        for fmt, outs in runs.items():
+        for fmt, (run, run_on) in runners.items():
+            outs = [o.float().cpu() for o in run(*_to(inputs, run_on))]
             err = max(float((o - r).abs().max() / r.abs().max().clamp(min=1e-12)) for o, r in zip(outs, ref))
             abs_err = max(float((o - r).abs().max()) for o, r in zip(outs, ref))
             key = f"{fmt}@{','.join(f'{k}={v}' for k, v in sizes.items()) or 'static'}"
@@ -194,7 +181,8 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
             return None
 
     visual = models.clip.visual
-    settings = presets.dataset_settings(None, args.method, crop=args.crop)
+    method = methods.get(args.method)
+    settings = method.settings(None, crop=args.crop)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": args.method,
@@ -213,9 +201,7 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
         "preprocessing": {"pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD, "pad_multiple": PAD_MULTIPLE,
                           "short_side": settings.short_side, "long_cap": settings.long_cap,
                           "stride": settings.stride, "resize": "opencv INTER_LINEAR on uint8"},
-        "hyperparameters": {"tau": 4.0, "alpha": 1.0, "beta": 0.5, "merge_eps": settings.merge_eps,
-                            "logit_scale": settings.logit_scale, "templates": 80} if args.method == "corrclip"
-        else {"settings": settings.__dict__, "templates": 80},
+        "hyperparameters": method.hyperparameters(settings),
         "graphs": graphs,
         "versions": {"corrclip": __version__, "torch": torch.__version__, "onnx": version("onnx"),
                      "onnxruntime": version("onnxruntime"), "onnxscript": version("onnxscript"),

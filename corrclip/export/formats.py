@@ -1,4 +1,4 @@
-"""Writing one graph in one format: ONNX (dynamo exporter), AOTInductor packages, TensorRT plans.
+"""Writing one graph in one format: ONNX (dynamo exporter) and AOTInductor packages.
 
 Each writer returns the file it wrote (relative to the bundle folder). The same torch.export
 program feeds ONNX and AOTInductor, so both see exactly the same graph.
@@ -34,7 +34,8 @@ def exported_program(graph: Graph, example: tuple[torch.Tensor, ...]) -> torch.e
         return torch.export.export(graph.module, example, dynamic_shapes=dynamic_shapes(graph), strict=False)
 
 
-def write_onnx(graph: Graph, example: tuple[torch.Tensor, ...], folder: Path, opset: int) -> list[str]:
+def write_onnx(graph: Graph, example: tuple[torch.Tensor, ...], folder: Path, *, device: str = "cpu",
+               opset: int = 18) -> list[str]:
     path = folder / f"{graph.name}.onnx"
     big = sum(p.numel() * p.element_size() for p in graph.module.parameters()) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet():
@@ -48,13 +49,24 @@ def write_onnx(graph: Graph, example: tuple[torch.Tensor, ...], folder: Path, op
     return files
 
 
-def write_aoti(graph: Graph, example: tuple[torch.Tensor, ...], folder: Path, device: str) -> list[str]:
+def write_aoti(graph: Graph, example: tuple[torch.Tensor, ...], folder: Path, *, device: str = "cpu",
+               opset: int = 18) -> list[str]:
     from torch._inductor import aoti_compile_and_package
 
     path = folder / f"{graph.name}.{device}.pt2"
     with _quiet():
         aoti_compile_and_package(exported_program(graph, example), package_path=str(path))
     return [path.name]
+
+
+# --format name -> writer. Each writes one graph and returns its files (the first is the graph file). The
+# backend that verifies a format's files against torch at export declares it (engine/backends: checks_export).
+FORMATS = {"onnx": write_onnx, "aoti": write_aoti}
+
+
+def stored_format(fmt: str, device: str) -> str:
+    """The format name a manifest stores: AOTInductor packages are compiled for one device type."""
+    return f"aoti-{torch.device(device).type}" if fmt == "aoti" else fmt
 
 
 class _quiet:
@@ -66,3 +78,4 @@ class _quiet:
 
     def __exit__(self, *exc):
         logging.disable(self.prev)
+

@@ -11,13 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.build import Models
-from ..models.clip import ClipText, ClipTrunk
-from ..models.corr_head import CorrHead
-from ..models.dino import DinoFeatures
+from ..models.clip import ClipText
 
 # Upper bounds of the dynamic axes (torch.export needs ranges; TensorRT profiles use them too).
 AXIS_MAX = {"B": 64, "R": 1024, "Q": 4096, "P": 4096, "L": 77}
@@ -35,25 +32,26 @@ class Graph:
 
 
 def method_graphs(method: str, models: Models, crop: int) -> list[Graph]:
-    """The graphs a method's bundle holds."""
-    if method == "corrclip":
-        return corrclip_graphs(models, crop)
-    visual = models.clip.visual
-    if method == "sc-clip":
-        from ..models.scclip import ScClipDense
+    """The graphs a method's bundle holds (declared by the method, corrclip/methods/), in eval mode."""
+    from .. import methods
 
-        dense, outputs = ScClipDense(visual), ["feats"]
-    else:
-        from ..models.cliptrase import CliptraseDense
+    graphs = methods.get(method).graphs(models, crop)
+    return [g.__class__(**{**g.__dict__, "module": g.module.eval()}) for g in graphs]
 
-        dense, outputs = CliptraseDense(visual), ["feats", "cls", "corr"]
 
-    def windows(s, g):
+def windows_input(crop: int) -> Callable[[dict[str, int], torch.Generator], tuple[torch.Tensor, ...]]:
+    """Random crop x crop windows, batch "B"."""
+
+    def make(s, g):
         return (torch.randn(s["B"], 3, crop, crop, generator=g),)
 
-    # SC-CLIP's whole forward up to the (normalized) features is one graph; logits are one matmul.
-    return [Graph("clip_dense", dense.eval(), ["windows"], outputs, {"windows": {0: "B"}}, windows,
-                  ({"B": 2}, {"B": 1})), text_graph(models)]
+    return make
+
+
+def dense_graph(module: nn.Module, outputs: list[str], crop: int) -> Graph:
+    """The one-graph encoders of the CLIP-only methods: windows -> dense outputs."""
+    return Graph("clip_dense", module, ["windows"], outputs, {"windows": {0: "B"}}, windows_input(crop),
+                 ({"B": 2}, {"B": 1}))
 
 
 def text_graph(models: Models) -> Graph:
@@ -64,51 +62,6 @@ def text_graph(models: Models) -> Graph:
 
     return Graph("clip_text", ClipText(models.clip).eval(), ["tokens"], ["embeddings"], {"tokens": {0: "Q", 1: "L"}},
                  text_inputs, ({"Q": 6, "L": 20}, {"Q": 3, "L": 77}))
-
-
-def corrclip_graphs(models: Models, crop: int) -> list[Graph]:
-    clip, dino = models.clip, models.dino
-    visual = clip.visual
-    patch = visual.conv1.kernel_size[0]
-    width = visual.conv1.out_channels
-    dino_dim = dino.embed_dim
-    embed = visual.proj.shape[1]
-    hh = crop // 8
-    gh = crop // patch
-
-    def windows(s, g):
-        return (torch.randn(s["B"], 3, crop, crop, generator=g),)
-
-    def trunk_inputs(s, g):
-        ids = torch.randint(0, s["R"], (s["B"], gh * gh), generator=g)
-        regions = torch.zeros(s["B"], s["R"], gh * gh, dtype=torch.bool)
-        regions.scatter_(1, ids[:, None], True)
-        return torch.randn(s["B"], 3, crop, crop, generator=g), regions
-
-    def head_inputs(s, g):
-        b, r, q = s["B"], s["R"], s["Q"]
-        return (F.normalize(torch.randn(b, hh * hh, dino_dim, generator=g), dim=-1),
-                torch.randint(-1, r, (b, hh, hh), generator=g),
-                torch.randn(b, 2, width, gh, gh, generator=g),
-                torch.randn(b, r, width, generator=g),
-                torch.randint(0, r, (b, hh, hh), generator=g),
-                F.normalize(torch.randn(q, embed, generator=g), dim=-1))
-
-    b_only = ({"B": 2}, {"B": 1})
-    graphs = [
-        Graph("dino", DinoFeatures(dino), ["windows"], ["feats"], {"windows": {0: "B"}}, windows, b_only),
-        Graph("clip_trunk", ClipTrunk(visual), ["windows", "regions"], ["values", "mct"],
-              {"windows": {0: "B"}, "regions": {0: "B", 1: "R"}}, trunk_inputs,
-              ({"B": 2, "R": 5}, {"B": 1, "R": 9})),
-        Graph("corr_head", CorrHead(visual), ["feats", "region_ids", "values", "mct", "mct_index", "text"],
-              ["logits"], {"feats": {0: "B"}, "region_ids": {0: "B"}, "values": {0: "B"}, "mct": {0: "B", 1: "R"},
-                           "mct_index": {0: "B"}, "text": {0: "Q"}},
-              head_inputs, ({"B": 2, "R": 5, "Q": 7}, {"B": 1, "R": 9, "Q": 3})),
-        text_graph(models),
-    ]
-    if models.sam is not None:
-        graphs += sam_graphs(models.sam)
-    return [g.__class__(**{**g.__dict__, "module": g.module.eval()}) for g in graphs]
 
 
 def sam_graphs(sam: nn.Module) -> list[Graph]:

@@ -109,12 +109,21 @@ def sam_preprocess(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int
 
     image: HxWx3 uint8 RGB. Returns the [1,3,1024,1024] input on sam's device and the resized (h, w).
     """
+    return preprocess_image(image, sam.image_encoder.img_size, sam.pixel_mean, sam.pixel_std)
+
+
+def preprocess_image(image: np.ndarray, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+                     ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """sam_preprocess from the constants alone (for exported encoders): [1,3,S,S] on the constants' device."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
     # PIL resize (the library's choice) so that embeddings match SamPredictor bit for bit
-    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
-    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
-    return sam.preprocess(x), (int(resized.shape[0]), int(resized.shape[1]))
+    resized = ResizeLongestSide(img_size).apply_image(image)
+    x = torch.as_tensor(resized, device=pixel_mean.device).permute(2, 0, 1).contiguous()[None]
+    # Sam.preprocess: normalize in float32, zero-pad bottom and right to the square input
+    x = (x - pixel_mean.view(-1, 1, 1)) / pixel_std.view(-1, 1, 1)
+    x = torch.nn.functional.pad(x, (0, img_size - x.shape[-1], 0, img_size - x.shape[-2]))
+    return x, (int(resized.shape[0]), int(resized.shape[1]))
 
 
 class SamEncoder(nn.Module):

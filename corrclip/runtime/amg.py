@@ -8,6 +8,7 @@ and upsamples only the masks that pass the predicted-IoU filter.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from corrclip.kernels import choose
-from corrclip.models.sam import SamDecoder, SamEncoder, sam_preprocess
+from corrclip.models.sam import SamDecoder, SamEncoder, preprocess_image
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
 # min_mask_region_area pass, which uses max(box_nms_thresh, crop_nms_thresh).
@@ -102,29 +103,46 @@ class MaskGenerator:
     coordinates, as in the library: rounding them to float32 first can move a logit across the threshold.
     """
 
-    def __init__(self, sam: Sam, settings: AmgSettings | None = None) -> None:
-        self.sam = sam
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], decoder: Callable, *, img_size: int,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], device: torch.device | str,
+                 settings: AmgSettings | None = None) -> None:
+        self.encoder = encoder  # [1,3,S,S] normalized, padded image -> [1,C,64,64] embeddings
+        self.decoder = decoder  # (embeddings, points [P,1,2] float64, labels [P,1]) -> low-res logits, IoUs
+        self.img_size = img_size
+        self.device = torch.device(device)
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32, device=self.device)
         self.settings = settings or AmgSettings()
-        self.encoder = SamEncoder(sam)
-        self.decoder = SamDecoder(sam)
         self.last_timings: dict[str, float] = {}
         # masks left after each stage of the last generate(): how strict the settings are in practice
         self.last_counts: dict[str, int] = {}
 
+    @classmethod
+    def from_sam(cls, sam: Sam, settings: AmgSettings | None = None) -> MaskGenerator:
+        """segment_anything's model, its encoder and decoder as torch graphs."""
+        return cls(SamEncoder(sam), SamDecoder(sam), img_size=sam.image_encoder.img_size,
+                   pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist(),
+                   device=sam.device, settings=settings)
+
+    @property
+    def stages(self) -> dict[str, Callable]:
+        """stage name -> the graph it runs (for bench's weight bytes)."""
+        return {"masks.sam_encoder": self.encoder, "masks.prompt_decoding": self.decoder}
+
     def _points(self, h0: int, w0: int) -> torch.Tensor:
         """The library's point grid, scaled to the image, then to the 1024 frame; float64 as there."""
         grid = build_point_grid(self.settings.points_per_side) * np.array([[w0, h0]])
-        coords = ResizeLongestSide(self.sam.image_encoder.img_size).apply_coords(grid, (h0, w0))
-        return torch.as_tensor(coords, device=self.sam.device)
+        coords = ResizeLongestSide(self.img_size).apply_coords(grid, (h0, w0))
+        return torch.as_tensor(coords, device=self.device)
 
     @torch.no_grad()
     def _decode(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encoder once, then the decoder over batches of points. -> low-res logits, IoUs, input size."""
         s = self.settings
-        dev = self.sam.device
+        dev = self.device
         h0, w0 = image.shape[:2]
         t0 = _sync(dev)
-        x, input_size = sam_preprocess(self.sam, image)
+        x, input_size = preprocess_image(image, self.img_size, self.pixel_mean, self.pixel_std)
         t1 = _sync(dev)
         emb = self.encoder(x)
         t2 = _sync(dev)
@@ -151,11 +169,11 @@ class MaskGenerator:
     def _postprocess(self, low: torch.Tensor, iou: torch.Tensor, input_size: tuple[int, int],
                      orig_size: tuple[int, int], return_masks: bool):
         s = self.settings
-        t0 = _sync(self.sam.device)
-        res = choose("sam_postprocess", self.sam.device)(
+        t0 = _sync(self.device)
+        res = choose("sam_postprocess", self.device)(
             low, iou, input_size, orig_size, s.pred_iou_thresh, s.stability_score_thresh, s.stability_score_offset,
-            s.mask_threshold, s.box_nms_thresh, img_size=self.sam.image_encoder.img_size, return_masks=return_masks)
-        self.last_timings["mask_postprocess"] = _sync(self.sam.device) - t0
+            s.mask_threshold, s.box_nms_thresh, img_size=self.img_size, return_masks=return_masks)
+        self.last_timings["mask_postprocess"] = _sync(self.device) - t0
         n = int(res.keep.numel())
         self.last_counts.update(after_stability=res.num_stable, after_nms=n, final=n)
         return res
@@ -165,11 +183,11 @@ class MaskGenerator:
         res = self._postprocess(low, iou, input_size, image.shape[:2], return_masks=True)
         out = MaskSet(res.masks, res.iou_preds, res.stability, res.boxes, res.areas)
         if self.settings.min_mask_region_area > 0:
-            t0 = _sync(self.sam.device)
+            t0 = _sync(self.device)
             s = self.settings
             out = _remove_small_regions(out, s.min_mask_region_area, max(s.box_nms_thresh, _CROP_NMS_THRESH))
             out.areas = out.masks.flatten(1).sum(1)
-            self.last_timings["mask_postprocess"] += _sync(self.sam.device) - t0
+            self.last_timings["mask_postprocess"] += _sync(self.device) - t0
             self.last_counts["final"] = len(out)
         return out
 

@@ -3,7 +3,7 @@
 UNTESTED: TensorRT cannot be installed on the machines this project is developed and tested on
 (the registry's `tensorrt` packages download from a host they cannot reach, and no GPU is there).
 This follows TensorRT 10's documented Python API (Builder / OnnxParser / optimization profiles /
-execute_async_v3 with tensor addresses); its tests skip when `tensorrt` does not import.
+execute_async_v3 with tensor addresses).
 
 Optimization profiles come from the manifest: every dynamic axis gets min 1, opt = the size the
 graph was exported with, max = the exporter's upper bound (export/graphs.py AXIS_MAX).
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..export.graphs import AXIS_MAX
-from .bundle import Bundle, BundleError
+from ...export.graphs import AXIS_MAX
+from ..bundle import Bundle, BundleError
+from . import Backend, register
 
 AXIS_OPT = {"B": 2, "R": 64, "Q": 256, "P": 256, "L": 20}
 
@@ -105,3 +106,13 @@ class TensorRTExecutor:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return tuple(outs)
+
+
+def make(bundle: Bundle, name: str, device: torch.device, precision: str = "fp32") -> TensorRTExecutor:
+    return TensorRTExecutor(bundle, name, device)
+
+
+BACKEND = register(Backend(
+    name="tensorrt", summary="TensorRT engines built on the target GPU from the ONNX graphs (UNTESTED here)",
+    reads="onnx", make=make, float64=False,  # SAM's decoder (float64 points) then runs on ONNX Runtime
+))

@@ -1,0 +1,141 @@
+"""CorrCLIP: CLIP whose last-layer patch correlations are rebuilt from DINO features inside SAM
+regions, then region voting (specs/corrclip.md).
+
+Per window: DINO features -> region merging -> CLIP trunk with mask class tokens -> correlation head.
+Bundle graphs: dino, clip_trunk, corr_head, clip_text (+ SAM's encoder and decoder for region masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..presets import Settings
+from ..runtime.regions import window_regions
+from .base import Method, register
+
+
+@dataclass(frozen=True)
+class CorrClipSettings(Settings):
+    merge_eps: float = 0.2  # region merging threshold on (max cosine - cosine)
+
+
+# configs/cfg_*.py of the research code
+PRESETS = {
+    "voc21": CorrClipSettings(prob_thd=0.2),
+    "voc20": CorrClipSettings(),
+    "context60": CorrClipSettings(prob_thd=0.15),
+    "context59": CorrClipSettings(),
+    "coco_object": CorrClipSettings(prob_thd=0.25),
+    "coco_stuff": CorrClipSettings(),
+    "city_scapes": CorrClipSettings(short_side=448, crop=224, stride=112),
+    "ade20k": CorrClipSettings(short_side=448),
+}
+
+
+class CorrClipEncoder:
+    """DINO features -> region merging -> CLIP trunk with mask class tokens -> correlation head."""
+
+    name = "corrclip"
+    needs_masks = True
+
+    def __init__(self, dino: Callable, trunk: Callable, head: Callable, patch: int, merge: Callable | None = None):
+        self.dino, self.trunk, self.head, self.patch = dino, trunk, head, patch
+        self.merge_kw = {} if merge is None else {"merge": merge}
+        self.stages = {"dino": dino, "clip_trunk": trunk, "corr_head": head}
+
+    def encode(self, windows: torch.Tensor, masks: torch.Tensor | None, text: torch.Tensor, s: CorrClipSettings,
+               timer) -> tuple[torch.Tensor, None]:
+        h, w = windows.shape[-2:]
+        with timer("dino"):
+            feats = self.dino(windows)
+        with timer("regions"):
+            reg = window_regions(masks, feats, (h // 8, w // 8), (h // self.patch, w // self.patch), s.merge_eps,
+                                 **self.merge_kw)
+        with timer("clip_trunk"):
+            values, mct = self.trunk(windows, reg.membership)
+        with timer("corr_head"):
+            logits = self.head(feats, reg.region_ids, values, mct, reg.mct_index, text)
+        return logits, None
+
+
+def build_encoder(models, device: torch.device) -> CorrClipEncoder:
+    from ..kernels import choose
+    from ..models.clip import ClipTrunk
+    from ..models.corr_head import CorrHead
+    from ..models.dino import DinoFeatures
+
+    visual = models.clip.visual
+    head = CorrHead(visual)
+    head.attention = choose("masked_correlation_attention", device)  # Triton on CUDA
+    return CorrClipEncoder(DinoFeatures(models.dino), ClipTrunk(visual), head, visual.conv1.kernel_size[0],
+                           choose("merge_regions", device))
+
+
+def from_graphs(run: dict[str, Callable], manifest: dict) -> CorrClipEncoder:
+    return CorrClipEncoder(lambda w: run["dino"](w)[0], run["clip_trunk"], lambda *a: run["corr_head"](*a)[0],
+                           manifest["clip"]["patch"])
+
+
+def graphs(models, crop: int) -> list:
+    """dino, clip_trunk, corr_head, clip_text, and SAM's graphs when the models have SAM."""
+    import torch.nn.functional as F
+
+    from ..export.graphs import Graph, sam_graphs, text_graph, windows_input
+    from ..models.clip import ClipTrunk
+    from ..models.corr_head import CorrHead
+    from ..models.dino import DinoFeatures
+
+    visual = models.clip.visual
+    patch = visual.conv1.kernel_size[0]
+    width = visual.conv1.out_channels
+    dino_dim = models.dino.embed_dim
+    embed = visual.proj.shape[1]
+    hh, gh = crop // 8, crop // patch
+
+    def trunk_inputs(s, g):
+        ids = torch.randint(0, s["R"], (s["B"], gh * gh), generator=g)
+        regions = torch.zeros(s["B"], s["R"], gh * gh, dtype=torch.bool)
+        regions.scatter_(1, ids[:, None], True)
+        return torch.randn(s["B"], 3, crop, crop, generator=g), regions
+
+    def head_inputs(s, g):
+        b, r, q = s["B"], s["R"], s["Q"]
+        return (F.normalize(torch.randn(b, hh * hh, dino_dim, generator=g), dim=-1),
+                torch.randint(-1, r, (b, hh, hh), generator=g),
+                torch.randn(b, 2, width, gh, gh, generator=g),
+                torch.randn(b, r, width, generator=g),
+                torch.randint(0, r, (b, hh, hh), generator=g),
+                F.normalize(torch.randn(q, embed, generator=g), dim=-1))
+
+    out = [
+        Graph("dino", DinoFeatures(models.dino), ["windows"], ["feats"], {"windows": {0: "B"}}, windows_input(crop),
+              ({"B": 2}, {"B": 1})),
+        Graph("clip_trunk", ClipTrunk(visual), ["windows", "regions"], ["values", "mct"],
+              {"windows": {0: "B"}, "regions": {0: "B", 1: "R"}}, trunk_inputs,
+              ({"B": 2, "R": 5}, {"B": 1, "R": 9})),
+        Graph("corr_head", CorrHead(visual), ["feats", "region_ids", "values", "mct", "mct_index", "text"],
+              ["logits"], {"feats": {0: "B"}, "region_ids": {0: "B"}, "values": {0: "B"}, "mct": {0: "B", 1: "R"},
+                           "mct_index": {0: "B"}, "text": {0: "Q"}},
+              head_inputs, ({"B": 2, "R": 5, "Q": 7}, {"B": 1, "R": 9, "Q": 3})),
+        text_graph(models),
+    ]
+    if models.sam is not None:
+        out += sam_graphs(models.sam)
+    return out
+
+
+def hyperparameters(s: CorrClipSettings) -> dict:
+    return {"tau": 4.0, "alpha": 1.0, "beta": 0.5, "merge_eps": s.merge_eps, "logit_scale": s.logit_scale,
+            "templates": 80}
+
+
+METHOD = register(Method(
+    name="corrclip",
+    summary="CLIP + DINO + SAM regions (default)",
+    uses_dino=True, uses_regions=True, openai_clip=False,
+    defaults=CorrClipSettings(), presets=PRESETS,
+    build_encoder=build_encoder, graphs=graphs, from_graphs=from_graphs, hyperparameters=hyperparameters,
+))
