@@ -26,7 +26,10 @@ def literal(feats, ids, values, tau):
     return out
 
 
-@pytest.mark.parametrize("seed,case", enumerate(["mixed", "no_unsegmented", "all_unsegmented", "single_token_regions"]))
+CASES = ["mixed", "no_unsegmented", "all_unsegmented", "single_token_regions"]
+
+
+@pytest.mark.parametrize("seed,case", list(enumerate(CASES)))
 def test_matches_loops(seed, case):
     g = torch.Generator().manual_seed(seed)  # fixed per case (hash() of a str changes with every process)
     n, c, d = 30, 8, 5
