@@ -65,6 +65,27 @@ def test_end_to_end(segmenters, blocks, method):
     assert set(out.timings) == expected
 
 
+def test_scclip_end_to_end_against_reference(segmenters, blocks):
+    """SC-CLIP through the engine against its parts: the dense graph on each 224 window (checked against a
+    literal loop in test_scclip.py), cosine logits with the text, stitched and softmaxed at VOC20's settings."""
+    seg = segmenters["sc-clip"]
+    vocab = benchmark_vocabulary("voc20")
+    s = seg.settings_for("voc20")
+    out = seg.segment(blocks, preset="voc20", return_probs=True)[0]
+    resized = resize_image(blocks, s.short_side, s.long_cap)
+    windows = sliding_windows(*resized.shape[:2], s.crop, s.stride)
+    crops = torch.stack([cut_window(normalize(resized), w) for w in windows])
+    text = seg.pipeline.text(vocab)
+    with torch.no_grad():
+        feats = seg.pipeline.method.dense(crops)  # [B, n, E]
+    grid = (s.crop // 16, s.crop // 16)
+    logits = torch.stack([(f @ text.t()).t().reshape(-1, *grid) for f in feats])
+    probs = (stitch(logits, windows, resized.shape[:2], blocks.shape[:2]) * s.logit_scale).softmax(0)
+    assert len(windows) == 8 and s.prob_thd == 0 and s.area_thd is None
+    np.testing.assert_allclose(out.probs, probs.numpy(), atol=1e-5)
+    assert (out.labels == probs.argmax(0).numpy()).mean() >= 0.999
+
+
 def reference_window_regions(corr, grid, crop, eps, min_samples):
     """CLIPtrase's regions of one window: scikit-learn's DBSCAN and the research script's cluster maps."""
     labels = torch.from_numpy(reference_dbscan(corr.numpy(), eps, min_samples))
