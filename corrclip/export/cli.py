@@ -3,6 +3,8 @@
     corrclip-export --backbone vit_b --out bundles/vit_b
     corrclip-export --backbone tiny --format onnx,aoti --out bundles/tiny
     corrclip-export --backbone vit_b --weights random --sam none --out bundles/vit_b_nosam
+    corrclip-export --backbone vit_b --out bundles/vit_b --triton-repo triton/vit_b   # + a Triton repository
+    corrclip-export --bundle bundles/vit_b --triton-repo triton/vit_b                  # from an existing bundle
 
 Every graph is exported, then run by ONNX Runtime (and the AOTInductor runner) on fresh random
 inputs at two shapes per dynamic axis and compared with torch; the errors go into the manifest,
@@ -50,12 +52,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=None,
                    help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--out", type=Path, help="bundle folder to create")
+    p.add_argument("--triton-repo", type=Path, help="also write a model repository for a stock tritonserver: the "
+                   "ONNX graphs as ONNX Runtime models + the `corrclip` glue model (Python backend)")
+    p.add_argument("--bundle", type=Path, help="with --triton-repo: write it from this existing bundle (no export)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.bundle is not None:
+        return _triton_repo(args.bundle, args) if args.triton_repo else _usage("--bundle needs --triton-repo DIR")
+    if args.out is None:
+        return _usage("give --out DIR (the bundle to create)")
     args.device = args.device or "cpu"  # the device to export and compile (AOTInductor) on
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -68,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     method = methods.get(args.method)
     if args.crop is None:
         args.crop = method.defaults.crop
-    if args.crop % 56:
-        print(f"error: --crop must be a multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
+    if args.crop <= 0 or args.crop % 56:
+        print(f"error: --crop must be a positive multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
               file=sys.stderr)
         return 2
     try:
@@ -95,6 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     writer.commit(manifest)
     print_table(manifest)
     print(f"bundle written to {args.out}/")
+    return _triton_repo(args.out, args) if args.triton_repo else 0
+
+
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _triton_repo(bundle: Path, args: argparse.Namespace) -> int:
+    from ..serve.triton_repo import RepositoryError, write_repository
+
+    try:
+        write_repository(bundle, args.triton_repo, overwrite=args.overwrite)
+    except (RepositoryError, BundleError) as e:
+        return _usage(str(e))
+    print(f"Triton model repository written to {args.triton_repo}/ (serve: tritonserver --model-repository "
+          f"{args.triton_repo}; see README)")
     return 0
 
 
@@ -135,7 +161,8 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
     (engine/backends: checks_export); raises ParityError past tolerance."""
     from ..engine import backends
 
-    tol = TOLERANCE[{torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]]
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    tol = TOLERANCE[precision]
     report = {"tolerance": tol}
     runners = {}
     for f in files:
@@ -144,8 +171,13 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
         if checker is None:
             raise ParityError(f"no backend verifies {fmt} files (engine/backends: checks_export)")
         run_on = torch.device(device if checker.per_device_files else "cpu")
-        partial = Bundle(folder, {"graphs": {graph.name: {"files": [f], "inputs": []}}})
-        runners[fmt] = (checker.make(partial, graph.name, run_on), run_on)
+        partial = Bundle(folder, {"graphs": {graph.name: {"files": [f], "inputs": [], "precision": precision}}})
+        try:
+            runners[fmt] = (checker.make(partial, graph.name, run_on), run_on)
+        except BundleError as e:  # e.g. ONNX Runtime's CPU provider has no bf16 kernels
+            reason = (str(e.__cause__ or e).strip().splitlines() or [""])[0][:200]
+            raise ParityError(f"{checker.name} cannot run graph {graph.name} at {precision} ({reason}), so its "
+                              "parity cannot be checked; export with another --precision") from e
     for i, sizes in enumerate(graph.sizes):
         inputs = _cast(graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i)), dtype)
         with torch.no_grad():
