@@ -93,12 +93,15 @@ class Segmenter:
         run = {name: make_executor(bundle, name, backend, self.device, precision) for name in bundle.graphs}
         masks = None
         if "sam_encoder" in run:
-            from .runtime.amg import AmgSettings, MaskGenerator
+            from .runtime.amg import AmgSettings, MaskGenerator, SharedStages
 
             sam = mf["sam"]
-            masks = MaskGenerator(lambda x: run["sam_encoder"](x)[0], run["sam_decoder"], img_size=sam["img_size"],
+            # the shared decoder's three graphs; bundles exported before it have segment_anything's decoder
+            shared = SharedStages(run["sam_image_terms"], run["sam_prompt_tokens"],
+                                  lambda *a: run["sam_prompt_masks"](*a)[0]) if "sam_image_terms" in run else None
+            masks = MaskGenerator(lambda x: run["sam_encoder"](x)[0], run.get("sam_decoder"), img_size=sam["img_size"],
                                   pixel_mean=sam["pixel_mean"], pixel_std=sam["pixel_std"], device=self.device,
-                                  settings=amg or AmgSettings())
+                                  settings=amg or AmgSettings(), shared=shared)
         # The text graph's file hash names its weights and precision exactly.
         onnx = next(e for e in mf["graphs"]["clip_text"]["files"] if e["format"] == "onnx")
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),

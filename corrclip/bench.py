@@ -10,6 +10,7 @@ machine's matrix rate and copy bandwidth, measured at start-up by two small micr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -161,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
         "backbone": seg.backbone.name, "weights": seg.identity, "batch": args.batch, "image_sizes": [
             list(im.shape[:2]) for im in images], "queries": vocab.num_queries, "classes": vocab.num_classes,
         "points_per_side": seg.amg.points_per_side if seg.amg is not None else None, "warmup": args.warmup,
-        "runs": args.runs,
+        "runs": args.runs, "amg": dataclasses.asdict(seg.amg) if seg.amg is not None else None,
+        # masks left after each step of the last run (e.g. how many prompts' masks were upscaled)
+        "amg_counts": getattr(seg.pipeline.mask_generator, "last_counts", None),
         "stages_ms": stages, "total_ms": percentiles(walls), "images_per_s": args.batch / float(np.median(walls)),
         "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -179,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(r: dict) -> None:
     sam = f"{r['points_per_side']}x{r['points_per_side']} SAM points" if r["points_per_side"] else "no SAM"
+    if r.get("amg"):
+        sam += f" ({r['amg']['decoder']} decoder)"
     print(f"\n{r['backbone']} / {r['method']} / {r['backend']} on {r['device']}: batch {r['batch']}, "
           f"{r['queries']} queries, {sam}, {r['runs']} runs")
     print(f"{'stage':<24}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'GFLOP':>10}{'floor ms':>10}")

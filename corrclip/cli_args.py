@@ -52,9 +52,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_amg_args(p: argparse.ArgumentParser) -> None:
+    from .runtime.amg import DECODERS, AmgSettings
+
+    d = AmgSettings()
     g = p.add_argument_group("SAM region masks")
     g.add_argument("--points-per-side", type=int, default=None,
                    help="SAM prompt grid (default 32; 8 is ~10x cheaper, the research code's online setting)")
+    g.add_argument("--sam-decoder", choices=DECODERS, default=None,
+                   help="shared: the image-side work once per image, equal up to float rounding (default); "
+                        "reference: segment_anything's MaskDecoder, once per prompt")
+    for name, what in (("pred_iou_thresh", "predicted-IoU"), ("stability_score_thresh", "stability-score"),
+                       ("box_nms_thresh", "box-NMS IoU")):
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                       help=f"SAM's {what} threshold (default {getattr(d, name)}; <= 0 switches the filter off)")
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +94,11 @@ def amg_settings(args: argparse.Namespace):
     s = AmgSettings()
     if getattr(args, "points_per_side", None):
         s.points_per_side = args.points_per_side
+    if getattr(args, "sam_decoder", None):
+        s.decoder = args.sam_decoder
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        if getattr(args, name, None) is not None:
+            setattr(s, name, getattr(args, name))
     return s
 
 

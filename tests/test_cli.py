@@ -213,3 +213,20 @@ def test_help_teaches(capsys):
         assert flag in text, flag
     assert "examples:" in text and "corrclip segment photo.jpg --classes" in text
     assert "NAME_labels.png" in text  # what it writes
+
+
+def test_sam_flags_reach_the_mask_generator_settings():
+    import argparse
+
+    from corrclip.cli_args import add_model_args, amg_settings
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    s = amg_settings(p.parse_args(["--sam-decoder", "reference", "--pred-iou-thresh", "0", "--stability-score-thresh",
+                                   "0.5", "--box-nms-thresh", "-1", "--points-per-side", "8"]))
+    assert (s.decoder, s.pred_iou_thresh, s.stability_score_thresh, s.box_nms_thresh, s.points_per_side) == (
+        "reference", 0.0, 0.5, -1.0, 8)
+    default = amg_settings(p.parse_args([]))
+    assert (default.decoder, default.pred_iou_thresh, default.box_nms_thresh) == ("shared", 0.7, 0.7)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--sam-decoder", "fast"])

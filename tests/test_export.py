@@ -28,7 +28,8 @@ def bundle(tmp_path_factory):
 def test_manifest(bundle):
     mf = json.loads((bundle / "manifest.json").read_text())
     assert mf["schema_version"] == 1 and mf["method"] == "corrclip" and mf["backbone"] == "tiny"
-    assert set(mf["graphs"]) == {"dino", "clip_trunk", "corr_head", "clip_text", "sam_encoder", "sam_decoder"}
+    assert set(mf["graphs"]) == {"dino", "clip_trunk", "corr_head", "clip_text", "sam_encoder", "sam_image_terms",
+                                 "sam_prompt_tokens", "sam_prompt_masks"}
     head = mf["graphs"]["corr_head"]
     assert head["dynamic_axes"]["mct"] == {"0": "B", "1": "R"} and head["dynamic_axes"]["text"] == {"0": "Q"}
     assert [i["name"] for i in head["inputs"]] == ["feats", "region_ids", "values", "mct", "mct_index", "text"]
@@ -467,7 +468,7 @@ def test_tensorrt_engine_build_from_manifest(bundle, tmp_path, monkeypatch):
     assert ("set_flag", "FP16") in fake.calls
     assert [c[1:] for c in fake.calls if c[0] == "set_shape"] == [("tokens", [1, 1], [256, 20], [4096, 77])]
     with pytest.raises(BundleError, match="float64 inputs"):
-        TensorRTExecutor(loaded, "sam_decoder", torch.device("cuda"))
+        TensorRTExecutor(loaded, "sam_prompt_tokens", torch.device("cuda"))
     with pytest.raises(BundleError, match="needs a CUDA device"):
         TensorRTExecutor(loaded, "dino", torch.device("cpu"))
 
@@ -551,7 +552,8 @@ def test_triton_repository_matches_the_graphs(bundle, tmp_path):
                 assert list(t.dims) == (dims[1:] if batched[name] else dims), (name, t.name)
                 assert model_config_name(t.data_type) == TRITON_TYPES[o.type.tensor_type.elem_type]
     assert batched == {"dino": True, "clip_trunk": True, "clip_text": True, "corr_head": False,
-                       "sam_encoder": False, "sam_decoder": False}
+                       "sam_encoder": False, "sam_image_terms": False, "sam_prompt_tokens": False,
+                       "sam_prompt_masks": False}
     glue = _triton_config(repo / "corrclip" / "config.pbtxt")
     assert glue.backend == "python" and glue.max_batch_size == 8
     assert [t.name for t in glue.input] == [p.name for p in INPUTS]

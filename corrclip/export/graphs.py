@@ -65,25 +65,47 @@ def text_graph(models: Models) -> Graph:
 
 
 def sam_graphs(sam: nn.Module) -> list[Graph]:
-    from ..models.sam import SamDecoder, SamEncoder
+    """SAM's encoder and the shared-image decoder's three stages (per image, per prompt batch, per prompt
+    batch whose masks are wanted: the mask generator skips prompts that no mask of would survive)."""
+    from ..models.sam import SamEncoder
+    from ..models.sam_shared_decoder import ImageTerms, MaskFactors, SamImageTerms, SamPromptMasks, SamPromptTokens
 
     size = sam.image_encoder.img_size
     chans = sam.prompt_encoder.embed_dim
     grid = sam.prompt_encoder.image_embedding_size
+    image_terms, prompt_tokens = SamImageTerms(sam).eval(), SamPromptTokens(sam).eval()
 
     def image(s, g):
         return (torch.randn(1, 3, size, size, generator=g),)
 
+    def embeddings(s, g):
+        return (torch.randn(1, chans, *grid, generator=g),)
+
     def prompts(s, g):
-        return (torch.randn(1, chans, *grid, generator=g),
-                # float64 like segment_anything's own points: it adds the 0.5 pixel shift in float64,
-                # and rounding to float32 first changes some masks.
-                torch.rand(s["P"], 1, 2, generator=g, dtype=torch.float64) * size,
+        # float64 like segment_anything's own points: it adds the 0.5 pixel shift in float64,
+        # and rounding to float32 first changes some masks.
+        return (torch.rand(s["P"], 1, 2, generator=g, dtype=torch.float64) * size,
                 torch.ones(s["P"], 1, dtype=torch.int32))
 
+    # The later stages' inputs are the earlier stages' outputs on random embeddings and points: random
+    # tensors would not be consistent (e.g. a negative LayerNorm variance).
+    def tokens_inputs(s, g):
+        with torch.no_grad():
+            return (*image_terms(*embeddings(s, g))[:-1], *prompts(s, g))
+
+    def masks_inputs(s, g):
+        with torch.no_grad():
+            terms = image_terms(*embeddings(s, g))
+            return (terms[-1], *prompt_tokens(*terms[:-1], *prompts(s, g))[1:])
+
+    terms, factors = list(ImageTerms._fields), list(MaskFactors._fields)
+    p_axis = {n: {0: "P"} for n in ["point_coords", "point_labels", *factors]}
+    sizes = ({"P": 16}, {"P": 5})
     return [
         Graph("sam_encoder", SamEncoder(sam), ["image"], ["embeddings"], {}, image, ({}, {})),
-        Graph("sam_decoder", SamDecoder(sam), ["embeddings", "point_coords", "point_labels"],
-              ["low_res_logits", "iou_predictions"], {"point_coords": {0: "P"}, "point_labels": {0: "P"}},
-              prompts, ({"P": 16}, {"P": 5})),
+        Graph("sam_image_terms", image_terms, ["embeddings"], terms, {}, embeddings, ({}, {})),
+        Graph("sam_prompt_tokens", prompt_tokens, [*terms[:-1], "point_coords", "point_labels"],
+              ["iou_predictions", *factors], p_axis, tokens_inputs, sizes),
+        Graph("sam_prompt_masks", SamPromptMasks(sam), [terms[-1], *factors], ["low_res_logits"], p_axis,
+              masks_inputs, sizes),
     ]

@@ -7,6 +7,7 @@ ops so that they can be exported to ONNX unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
 from functools import partial
 
@@ -36,41 +37,51 @@ _ARCHS: dict[str, tuple[int, int, int, tuple[int, ...], int]] = {
 
 def _sam_arch(kind: str) -> Sam:
     width, depth, heads, global_attn, dim = _ARCHS[kind]
-    tiny = kind == "tiny"
-    grid = IMAGE_SIZE // PATCH_SIZE
+    image_encoder = ImageEncoderViT(
+        depth=depth,
+        embed_dim=width,
+        img_size=IMAGE_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=global_attn,
+        window_size=14,
+        out_chans=dim,
+    )
+    prompt_encoder, mask_decoder = sam_prompt_modules(kind)
     return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=depth,
-            embed_dim=width,
-            img_size=IMAGE_SIZE,
-            mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=heads,
-            patch_size=PATCH_SIZE,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=global_attn,
-            window_size=14,
-            out_chans=dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=dim, mlp_dim=64 if tiny else 2048, num_heads=2 if tiny else 8
-            ),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=dim if tiny else 256,
-        ),
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+
+
+def sam_prompt_modules(kind: str) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM `kind`'s prompt encoder and mask decoder alone (randomly initialized), e.g. to test decoders."""
+    dim = _ARCHS[kind][-1]
+    tiny = kind == "tiny"
+    grid = IMAGE_SIZE // PATCH_SIZE
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=dim, mlp_dim=64 if tiny else 2048, num_heads=2 if tiny else 8
+        ),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=dim if tiny else 256,
+    )
+    return prompt_encoder, mask_decoder
 
 
 def _kind_of(sd: dict[str, torch.Tensor]) -> str | None:
@@ -155,25 +166,43 @@ class SamDecoder(nn.Module):
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.prompt_encoder
-        h, w = pe.input_image_size
         n = point_coords.shape[0]
-        # Like PromptEncoder._embed_points with pad=True: shift to pixel centres, append one
-        # "not a point" at (0, 0), normalize (in the caller's dtype, then float, as the library does).
-        coords = point_coords + 0.5
-        coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
-        coords = coords / torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
-        labels = point_labels.to(torch.float32)
-        labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)[..., None]
-        sparse = pe.pe_layer._pe_encoding(coords.to(torch.float32))
-        sparse = torch.where(labels == -1, pe.not_a_point_embed.weight, sparse)
-        sparse = sparse + torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
-        sparse = sparse + torch.where(labels == 1, pe.point_embeddings[1].weight, 0.0)
         gh, gw = pe.image_embedding_size
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, gh, gw)
         return self.mask_decoder(
             image_embeddings=image_embeddings,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
+            image_pe=dense_pe(pe).to(pe.no_mask_embed.weight.dtype),
+            sparse_prompt_embeddings=embed_points(pe, point_coords, point_labels),
             dense_prompt_embeddings=dense,
             multimask_output=True,
         )
+
+
+def dense_pe(pe: PromptEncoder) -> torch.Tensor:
+    """PromptEncoder.get_dense_pe() [1, C, h, w], in float32 also when the weights are bf16 (the library
+    then multiplies its float32 grid by a bf16 matrix and fails)."""
+    if pe.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32:
+        return pe.get_dense_pe()
+    return copy.deepcopy(pe.pe_layer).float()(pe.image_embedding_size)[None]
+
+
+def embed_points(pe: PromptEncoder, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+    """PromptEncoder._embed_points with pad=True, as `where`s: [P, k, 2] pixels, [P, k] labels -> [P, k+1, C].
+
+    Shifts to pixel centres, appends one "not a point" at (0, 0) and normalizes in the caller's dtype
+    (float64 in the AMG), then encodes in float32 as the library does, even when the weights are bf16.
+    """
+    h, w = pe.input_image_size
+    coords = point_coords + 0.5
+    coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+    coords = coords / torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
+    labels = point_labels.to(torch.float32)
+    labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)[..., None]
+    # PositionEmbeddingRandom._pe_encoding, with its Gaussian matrix read in float32
+    coords = (2 * coords.to(torch.float32) - 1) @ pe.pe_layer.positional_encoding_gaussian_matrix.float()
+    coords = 2 * np.pi * coords
+    sparse = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+    sparse = torch.where(labels == -1, pe.not_a_point_embed.weight, sparse)
+    sparse = sparse + torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
+    sparse = sparse + torch.where(labels == 1, pe.point_embeddings[1].weight, 0.0)
+    return sparse.to(pe.point_embeddings[0].weight.dtype)

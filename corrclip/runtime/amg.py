@@ -2,7 +2,9 @@
 
 MaskGenerator keeps the same masks, in the same order, as segment_anything's SamAutomaticMaskGenerator
 with crop_n_layers=0 and output_mode="binary_mask", but stays on the model's device (no RLE round trip)
-and upsamples only the masks that pass the predicted-IoU filter.
+and upsamples only the masks that pass the predicted-IoU filter. Its default prompt decoder is the
+shared-image decoder (models/sam_shared_decoder.py: equal up to float rounding, a fraction of the work),
+which also skips the mask upscaling of prompts whose three masks all fail that filter.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from corrclip.kernels import sam_postprocess
 from corrclip.models.sam import SamDecoder, SamEncoder, preprocess_image
+from corrclip.models.sam_shared_decoder import SamImageTerms, SamPromptMasks, SamPromptTokens
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
 # min_mask_region_area pass, which uses max(box_nms_thresh, crop_nms_thresh).
 _CROP_NMS_THRESH = 0.7
+# Prompts per call of the shared decoder's mask stage (~12 MB of tensors per prompt at vit_b, float32):
+# on a CPU, where memory bandwidth bounds this stage, a couple at a time stay in cache; GPUs want batches.
+_MASK_CHUNK = {"cpu": 2}
+_MASK_CHUNK_OTHER = 64
+DECODERS = ("shared", "reference")
 
 
 @dataclass
@@ -32,7 +40,9 @@ class AmgSettings:
 
     The defaults follow CorrCLIPv2's SAM option (pred_iou_thresh 0.7, stability_score_thresh 0.7),
     looser than the library's ViT-H defaults (0.88 / 0.95). As in the library, a threshold <= 0
-    switches its filter off entirely.
+    switches its filter off entirely; for box_nms_thresh too (the library would drop every overlapping
+    box; an IoU threshold of 1 drops none). decoder: "shared" (the image-side work once per image) or
+    "reference" (segment_anything's MaskDecoder, once per prompt).
     """
 
     points_per_side: int = 32
@@ -43,6 +53,20 @@ class AmgSettings:
     mask_threshold: float = 0.0
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
+    decoder: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown SAM decoder {self.decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
+@dataclass
+class SharedStages:
+    """The shared-image decoder's three graphs (models/sam_shared_decoder.py): torch modules or executors."""
+
+    image_terms: Callable  # embeddings [1, C, 64, 64] -> ImageTerms, once per image
+    prompt_tokens: Callable  # (*ImageTerms[:-1], points [P,1,2] float64, labels [P,1]) -> (IoUs [P,3], *MaskFactors)
+    prompt_masks: Callable  # (ImageTerms[-1], *MaskFactors) -> low-res logits [P,3,256,256]
 
 
 @dataclass
@@ -98,16 +122,19 @@ def _sync(device: torch.device) -> float:
 class MaskGenerator:
     """SamAutomaticMaskGenerator (one crop, binary masks) without the per-mask Python work.
 
-    `encoder` and `decoder` are the graph wrappers; anything with the same call signature
-    (e.g. an exported graph's session adapter) can replace them. The decoder gets float64 point
-    coordinates, as in the library: rounding them to float32 first can move a logit across the threshold.
+    `encoder`, `decoder` (segment_anything's, per prompt) and `shared` (the shared-image decoder's three
+    stages) are the graph wrappers; anything with the same call signature (e.g. an exported graph's
+    session adapter) can replace them, and either decoder may be None when only the other is available.
+    settings.decoder picks the one that runs. The decoders get float64 point coordinates, as in the
+    library: rounding them to float32 first can move a logit across the threshold.
     """
 
-    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], decoder: Callable, *, img_size: int,
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], decoder: Callable | None, *, img_size: int,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], device: torch.device | str,
-                 settings: AmgSettings | None = None) -> None:
+                 settings: AmgSettings | None = None, shared: SharedStages | None = None) -> None:
         self.encoder = encoder  # [1,3,S,S] normalized, padded image -> [1,C,64,64] embeddings
         self.decoder = decoder  # (embeddings, points [P,1,2] float64, labels [P,1]) -> low-res logits, IoUs
+        self.shared = shared
         self.img_size = img_size
         self.device = torch.device(device)
         self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device)
@@ -119,15 +146,17 @@ class MaskGenerator:
 
     @classmethod
     def from_sam(cls, sam: Sam, settings: AmgSettings | None = None) -> MaskGenerator:
-        """segment_anything's model, its encoder and decoder as torch graphs."""
+        """segment_anything's model, its encoder and both decoders as torch graphs."""
+        shared = SharedStages(SamImageTerms(sam), SamPromptTokens(sam), SamPromptMasks(sam))
         return cls(SamEncoder(sam), SamDecoder(sam), img_size=sam.image_encoder.img_size,
                    pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist(),
-                   device=sam.device, settings=settings)
+                   device=sam.device, settings=settings, shared=shared)
 
     @property
     def stages(self) -> dict[str, Callable]:
         """stage name -> the graph it runs (for bench's weight bytes)."""
-        return {"masks.sam_encoder": self.encoder, "masks.prompt_decoding": self.decoder}
+        decoder = self.shared.prompt_tokens if self.settings.decoder == "shared" and self.shared else self.decoder
+        return {"masks.sam_encoder": self.encoder, "masks.prompt_decoding": decoder}
 
     def _points(self, h0: int, w0: int) -> torch.Tensor:
         """The library's point grid, scaled to the image, then to the 1024 frame; float64 as there."""
@@ -148,13 +177,22 @@ class MaskGenerator:
         t2 = _sync(dev)
         points = self._points(h0, w0)
         lows, ious = [], []
-        counts = {"masks": 0, "after_iou": 0}
+        counts = {"masks": 0, "upscaled": 0, "after_iou": 0}
+        if (self.shared if s.decoder == "shared" else self.decoder) is None:
+            other = DECODERS[1 - DECODERS.index(s.decoder)]
+            raise ValueError(f"this engine bundle has no graphs for the {s.decoder} SAM decoder: use --sam-decoder "
+                             f"{other}, or re-export the bundle with this version's corrclip-export")
+        terms = tuple(self.shared.image_terms(emb)) if s.decoder == "shared" else None
         for start in range(0, points.shape[0], s.points_per_batch):
             pts = points[start : start + s.points_per_batch, None, :]
             labels = torch.ones(pts.shape[:2], dtype=torch.int32, device=dev)
-            low, iou = self.decoder(emb, pts, labels)
+            counts["masks"] += 3 * pts.shape[0]
+            if terms is None:
+                low, iou = self.decoder(emb, pts, labels)
+            else:
+                low, iou = self._shared_decode(terms, pts, labels)
             low, iou = low.flatten(0, 1), iou.flatten(0, 1)  # point-major: the library's flatten order
-            counts["masks"] += low.shape[0]
+            counts["upscaled"] += low.shape[0]
             if s.pred_iou_thresh > 0.0:  # filter early to save memory; post-processing filters again
                 keep = iou > s.pred_iou_thresh
                 low, iou = low[keep], iou[keep]
@@ -166,13 +204,30 @@ class MaskGenerator:
         self.last_counts = counts
         return torch.cat(lows), torch.cat(ious), input_size
 
+    def _shared_decode(self, terms: tuple[torch.Tensor, ...], pts: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> low-res logits [P', 3, 256, 256], IoUs [P', 3]. With the IoU filter on, P' counts only the prompts
+        with a mask that passes it: the others' masks would be dropped, so they are never upscaled."""
+        iou, *factors = self.shared.prompt_tokens(*terms[:-1], pts, labels)  # the last term is the mask stage's
+        if self.settings.pred_iou_thresh > 0.0:
+            wanted = (iou > self.settings.pred_iou_thresh).any(1)
+            iou, factors = iou[wanted], [f[wanted] for f in factors]
+        chunk = _MASK_CHUNK.get(self.device.type, _MASK_CHUNK_OTHER)
+        lows = [self.shared.prompt_masks(terms[-1], *(f[i : i + chunk] for f in factors))
+                for i in range(0, iou.shape[0], chunk)]
+        if not lows:
+            side = self.img_size // 4  # the decoder's low-res masks
+            return iou.new_empty(0, 3, side, side), iou
+        return torch.cat(lows), iou
+
     def _postprocess(self, low: torch.Tensor, iou: torch.Tensor, input_size: tuple[int, int],
                      orig_size: tuple[int, int], return_masks: bool):
         s = self.settings
         t0 = _sync(self.device)
         res = sam_postprocess(
             low, iou, input_size, orig_size, s.pred_iou_thresh, s.stability_score_thresh, s.stability_score_offset,
-            s.mask_threshold, s.box_nms_thresh, img_size=self.img_size, return_masks=return_masks)
+            s.mask_threshold, s.box_nms_thresh if s.box_nms_thresh > 0 else 1.0, img_size=self.img_size,
+            return_masks=return_masks)
         self.last_timings["mask_postprocess"] = _sync(self.device) - t0
         n = int(res.keep.numel())
         self.last_counts.update(after_stability=res.num_stable, after_nms=n, final=n)
