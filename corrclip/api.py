@@ -98,7 +98,7 @@ class Segmenter:
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
                             self.device)
         self.pipeline = Pipeline(spec.from_graphs(run, mf), text, masks, self.device, max_windows,
-                                 window=mf["window"]["crop"])
+                                 window=mf["window"])
         return self
 
     @property
