@@ -1,8 +1,11 @@
-"""Times the fused masked correlation attention and region merging against their torch references.
+"""Times the Triton masked correlation attention and region merging against their torch references.
 
   * correlation attention at the real size: N = 1764 tokens (42 x 42 DINO grid), C = 768, D = 2 x 768 (main and
-    spatial value paths), B = 2 and 8 windows, bf16; plus the separate bilinear upsampling of the values from the
-    21 x 21 CLIP grid, which the fused kernel leaves to torch (its cost relative to the kernel is printed).
+    spatial value paths), B = 2 and 8 windows, bf16 (the fast path) and B = 8 fp32 (the exact path); plus the
+    separate bilinear upsampling of the values from the 21 x 21 CLIP grid, which both leave to torch. The Triton
+    path is S = F F^T by cuBLAS, then one kernel for mask + softmax + P V: timed whole, S alone, and the kernel
+    alone at a few block configurations (the first is the dispatch's; the others are candidates, not AOT-checked).
+    corrclip.kernels.dispatch.AUTO keeps the reference until "reference / Triton path" is above 1 here.
   * region merging: the same windows with ~200 regions each.
 
 Each timing: warm-up calls, then the median of timed calls (CUDA events on a GPU). Beside it: the bytes and FLOPs
@@ -24,6 +27,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from corrclip.kernels import correlation
 from corrclip.kernels.correlation import masked_correlation_attention, masked_correlation_attention_triton
 from corrclip.kernels.merging import merge_regions, merge_regions_triton
 from corrclip.runtime.timing import median_seconds as bench
@@ -73,31 +77,52 @@ def upsample(clip_values: torch.Tensor, grid: int, dtype: torch.dtype) -> torch.
     return up.reshape(b, 2 * d, grid * grid).transpose(1, 2).to(dtype)
 
 
+def kernel_candidates(dtype: torch.dtype) -> list[dict]:
+    """The dispatch's configuration first, then alternatives worth a measurement."""
+    first = correlation.gpu_blocks(dtype)
+    others = [dict(block_m=128, block_n=64, block_d=128, num_warps=8, num_stages=3),
+              dict(block_m=64, block_n=64, block_d=128, num_warps=4, num_stages=3)]
+    return [first] + [c for c in others if c != first and dtype != torch.float32]
+
+
 def bench_correlation(b, grid, c, d, clip_grid, dtype, device, ceil, warmup, runs, fused: bool) -> None:
     n = grid * grid
     feats, ids, clip_values = correlation_inputs(b, grid, c, d, clip_grid, dtype, device)
     values = upsample(clip_values, grid, dtype)
     size = dtype.itemsize
+    name = f"B={b} {str(dtype).removeprefix('torch.')}"
     useful = b * (2 * n * n * c + 2 * n * n * d)  # S = F F^T, then P V (softmax and masks: O(N^2), not counted)
     nbytes = b * (n * c + 2 * n * d) * size + b * n * 8  # read F, V, ids; write the output
     t_ref = bench(lambda: masked_correlation_attention(feats, ids, values), device, warmup, runs)
-    row(f"attention B={b}: torch reference ({b} x {n} x {n} fp32 scores = {4 * b * n * n / 1e6:.0f} MB each)",
+    row(f"attention {name}: torch reference ({b} x {n} x {n} scores = {size * b * n * n / 1e6:.0f} MB each)",
         t_ref, nbytes, useful, ceil)
     up_bytes = b * (2 * (d // 2) * clip_grid**2 + n * d) * size
     up_flops = b * n * d * 9  # one bilinear blend per output element: 6 multiplies, 3 adds
     t_up = bench(lambda: upsample(clip_values, grid, dtype), device, warmup, runs)
-    row(f"upsampling of V B={b} (separate step)", t_up, up_bytes, up_flops, ceil)
+    row(f"upsampling of V {name} (separate step)", t_up, up_bytes, up_flops, ceil)
     if not fused:
-        print(f"upsampling / reference attention at B={b}: {100 * t_up / t_ref:.1f}%")
+        print(f"upsampling / reference attention at {name}: {100 * t_up / t_ref:.1f}%")
         return
-    block_d = 128 if dtype == torch.float32 else 256  # the kernel's default
-    executed = b * (math.ceil(d / block_d) * 2 * n * n * c + 2 * n * n * d)  # each D block recomputes S
-    t_fused = bench(lambda: masked_correlation_attention_triton(feats, ids, values), device, warmup, runs)
-    row(f"attention B={b}: Triton (executes {executed / 1e9:.0f} GFLOP with the S recompute)", t_fused, nbytes,
-        useful, ceil)
-    print(f"upsampling / fused attention at B={b}: {100 * t_up / t_fused:.1f}%; "
-          f"reference / fused: {t_ref / t_fused:.2f}x; executed-FLOP rate "
-          f"{flop_rate(executed / t_fused)} ({100 * executed / t_fused / ceil[0]:.1f}% of peak)")
+    ref = masked_correlation_attention(feats, ids, values)
+    out = masked_correlation_attention_triton(feats, ids, values)
+    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    t_path = bench(lambda: masked_correlation_attention_triton(feats, ids, values), device, warmup, runs)
+    row(f"attention {name}: Triton path (S by cuBLAS + mean + V copy + fused kernel)", t_path, nbytes, useful, ceil)
+    s_flops, s_bytes = b * 2 * n * n * c, b * (n * c + n * n) * size
+    t_s = bench(lambda: feats @ feats.transpose(1, 2), device, warmup, runs)
+    row(f"attention {name}: S = F F^T alone (cuBLAS)", t_s, s_bytes, s_flops, ceil)
+    s = feats @ feats.transpose(1, 2)
+    mean, vc = s.mean(dim=(1, 2)), values.contiguous()
+    for cfg in kernel_candidates(dtype):
+        dest = torch.empty_like(vc)
+        reads = math.ceil(d / cfg["block_d"])  # each D block reads its rows of S (L2 may absorb some)
+        k_bytes = b * (reads * n * n * size + n * d * size * 2 + n * 8)
+        t_k = bench(lambda cfg=cfg, dest=dest: correlation._attention_into(dest, s, mean, ids, vc, 4.0, **cfg),
+                    device, warmup, runs)
+        label = ", ".join(f"{k}={v}" for k, v in cfg.items())
+        row(f"attention {name}: fused kernel alone ({label}; S read {reads}x)", t_k, k_bytes, b * 2 * n * n * d, ceil)
+    print(f"attention {name}: reference / Triton path {t_ref / t_path:.2f}x; relative error {err:.1e}; "
+          f"upsampling / Triton path {100 * t_up / t_path:.1f}%")
 
 
 def bench_merging(b, grid, c, r, dtype, device, ceil, warmup, runs, fused: bool) -> None:
@@ -136,8 +161,9 @@ def main() -> None:
     print("\n| operation | median ms | MB (compulsory) | GFLOP (useful) | achieved vs ceilings |")
     print("|---|---|---|---|---|")
     if gpu:  # the real sizes
-        for b in (2, 8):
-            bench_correlation(b, 42, 768, 1536, 21, torch.bfloat16, device, ceil, args.warmup, args.runs, True)
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 path is the exact one
+        for b, dtype in ((2, torch.bfloat16), (8, torch.bfloat16), (8, torch.float32)):
+            bench_correlation(b, 42, 768, 1536, 21, dtype, device, ceil, args.warmup, args.runs, True)
         for b in (2, 8):
             bench_merging(b, 42, 768, 200, torch.bfloat16, device, ceil, args.warmup, args.runs, True)
     else:  # a quarter of the tokens (21 x 21 grid), full channel widths; fp32, the CPU's fast path

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator
 
+from corrclip.methods.corrclip import CorrClipSettings as Settings
 from corrclip.models.build import Models
 from corrclip.models.clip import interpolate_pos_embed_clip, num_spatial_layers
 from corrclip.models.dino import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from corrclip.presets import Settings
 from corrclip.runtime.preprocess import PAD_MULTIPLE, PIXEL_MEAN, PIXEL_STD, resized_size
 from corrclip.runtime.text import TextEmbedder
 from corrclip.runtime.timing import StageTimer

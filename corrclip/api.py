@@ -22,7 +22,7 @@ from .engine.bundle import Bundle
 from .models.clip import ClipText
 from .runtime.image_io import decode_image
 from .runtime.pipeline import Pipeline, Segmentation
-from .runtime.text import TextEmbedder
+from .runtime.text import TextCache, TextEmbedder, default_cache_dir
 from .vocab import Vocabulary, benchmark_vocabulary, parse_classes
 
 ImageLike = str | os.PathLike | bytes | np.ndarray
@@ -47,12 +47,14 @@ class Segmenter:
     weights: "official" (each model's official checkpoint) or "random" (seeded random weights:
     exercises the pipeline and its timing, segments nothing meaningful). clip_weights,
     dino_weights and sam_weights override one model each (a tag or a local file). sam="none"
-    builds no mask generator: every call then needs label maps.
+    builds no mask generator: every call then needs label maps. text_cache: a folder for the text
+    embeddings' disk cache (default $CORRCLIP_CACHE/text or ~/.cache/corrclip/text), or False for none.
     """
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
-                 amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip"):
+                 amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip",
+                 text_cache: str | os.PathLike | bool = True):
         self.device = torch.device(device) if device is not None else default_device()
         self.bundle: Bundle | None = None
         self.backend = "torch"
@@ -66,14 +68,16 @@ class Segmenter:
 
             masks = MaskGenerator.from_sam(models.sam, amg or AmgSettings())
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
-        text = TextEmbedder(ClipText(models.clip), tokenizer, self.device)
+        tower, local = models.identity["clip"], models.weight_files.get(clip_weights or "")
+        text = TextEmbedder(ClipText(models.clip), tokenizer, self.device,
+                            identity=f"{tower}#{local}" if local else tower, cache=_text_cache(text_cache))
         encoder = spec.build_encoder(models, self.device)
         self.pipeline = Pipeline(encoder, text, masks, self.device, max_windows)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "onnxruntime", *,
                     device: str | torch.device | None = None, amg=None, max_windows: int = 8,
-                    precision: str = "fp32") -> Segmenter:
+                    precision: str = "fp32", text_cache: str | os.PathLike | bool = True) -> Segmenter:
         """An engine bundle from corrclip-export, its graphs run by `backend` (corrclip.engine.backends):
         no model code in the loop. `precision` reaches backends that choose it at load time (OpenVINO)."""
         from .engine.backends import make_executor
@@ -95,8 +99,11 @@ class Segmenter:
             masks = MaskGenerator(lambda x: run["sam_encoder"](x)[0], run["sam_decoder"], img_size=sam["img_size"],
                                   pixel_mean=sam["pixel_mean"], pixel_std=sam["pixel_std"], device=self.device,
                                   settings=amg or AmgSettings())
+        # The text graph's file hash names its weights and precision exactly.
+        onnx = next(e for e in mf["graphs"]["clip_text"]["files"] if e["format"] == "onnx")
         text = TextEmbedder(lambda t: run["clip_text"](t)[0], open_clip.get_tokenizer(mf["clip"]["tokenizer"]),
-                            self.device)
+                            self.device, identity=f"clip_text.onnx#{onnx['sha256'][onnx['file']]}",
+                            cache=_text_cache(text_cache))
         self.pipeline = Pipeline(spec.from_graphs(run, mf), text, masks, self.device, max_windows,
                                  window=mf["window"])
         return self
@@ -163,3 +170,9 @@ class Segmenter:
         if masks is not None and len(masks) != len(decoded):
             raise ValueError(f"got {len(masks)} label maps for {len(decoded)} images")
         return self.run(decoded, vocab, settings, masks, return_probs=return_probs)
+
+
+def _text_cache(choice: str | os.PathLike | bool) -> TextCache | None:
+    if choice is False or choice is None:
+        return None
+    return TextCache(default_cache_dir() if choice is True else choice)

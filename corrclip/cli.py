@@ -10,7 +10,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # Subcommand modules: each has add_parser(subparsers), which sets `run` (args -> exit code) as a default.
-COMMANDS = ("corrclip.cli", "corrclip.bench")
+COMMANDS = ("corrclip.cli", "corrclip.bench", "corrclip.evaluation.run", "corrclip.label")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,8 +86,9 @@ def _segment(args: argparse.Namespace) -> int:
     from .cli_args import UsageError, build_segmenter, warn_if_random
     from .engine.bundle import BundleError
     from .models.checkpoints import WeightsError
+    from .outputs import write_segmentation
     from .runtime.image_io import ImageError, decode_image, load_label_map
-    from .runtime.visualize import make_palette, overlay, save_label_png, summary
+    from .runtime.visualize import make_palette
     from .vocab import VocabularyError, benchmark_vocabulary, load_classes_file, parse_classes
 
     try:
@@ -120,18 +120,15 @@ def _segment(args: argparse.Namespace) -> int:
                 raise ImageError("no region masks; pass --masks or drop --sam none")
             result = seg.run([image], vocab, settings, [label_map])[0]
         except (ImageError, ValueError, OSError) as e:
-            failures.append(f"{path}: {e}")
-            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            # ImageError messages already start with the file they are about (the image or its label map).
+            failures.append(str(e) if isinstance(e, ImageError) else f"{path}: {e}")
+            tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
             continue
-        stem = path.stem
-        save_label_png(args.out / f"{stem}_labels.png", result.labels, palette)
-        overlay(image, result.labels, result.names, palette).save(args.out / f"{stem}_overlay.png")
-        info = summary(result.names, result.labels, result.timings,
-                       {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
-                        "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
-                        "method": seg.method, "random_weights": seg.random_weights,
-                        "settings": settings.__dict__})
-        (args.out / f"{stem}.json").write_text(json.dumps(info, indent=2))
+        write_segmentation(args.out, path.stem, image, result.labels, result.names, palette, result.timings,
+                           {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
+                            "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
+                            "method": seg.method, "random_weights": seg.random_weights,
+                            "settings": settings.__dict__})
         for k, v in result.timings.items():
             totals[k] = totals.get(k, 0.0) + v
         tqdm.write(_time_line(path, result.timings))

@@ -31,6 +31,7 @@ def add_weights_args(p: argparse.ArgumentParser, *, weights_default: str | None 
                    help="official checkpoints (downloaded once) or seeded random weights (default: "
                         f"{weights_default or 'official; random for --backbone tiny'})")
     g.add_argument("--clip-weights", help="open_clip tag (e.g. metaclip_fullcc, openai), ARCH:TAG, or a local file")
+    g.add_argument("--clip", dest="clip_weights", help=argparse.SUPPRESS)  # corrclip-export's old spelling
     g.add_argument("--dino-weights", help="local DINO checkpoint (e.g. dino_vitbase8_pretrain.pth)")
     g.add_argument("--sam-weights", help="local SAM checkpoint (e.g. sam_vit_b_01ec64.pth)")
     g.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h", "tiny", "none"],
@@ -56,11 +57,25 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
                    help="SAM prompt grid (default 32; 8 is ~10x cheaper, the research code's online setting)")
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("caching")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="folder for cached text embeddings (default $CORRCLIP_CACHE/text or ~/.cache/corrclip/text)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the text embedding cache")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, weights_default: str | None = None) -> None:
     """Every model/engine flag `segment` has."""
     add_weights_args(p, weights_default=weights_default)
     add_amg_args(p)
     add_engine_args(p)
+    add_cache_args(p)
+
+
+def text_cache(args: argparse.Namespace) -> Path | bool:
+    if getattr(args, "no_cache", False):
+        return False
+    return getattr(args, "cache_dir", None) or True
 
 
 def amg_settings(args: argparse.Namespace):
@@ -83,13 +98,14 @@ def build_segmenter(args: argparse.Namespace, *, masks_given: bool = False):
         if backend == backends.TORCH:
             raise UsageError("--backend torch runs the models themselves: drop --engine, or pick a bundle backend "
                              f"({', '.join(backends.names())})")
-        return Segmenter.from_bundle(args.engine, backend, device=args.device, amg=amg_settings(args))
+        return Segmenter.from_bundle(args.engine, backend, device=args.device, amg=amg_settings(args),
+                                     text_cache=text_cache(args))
     if backend != backends.TORCH:
         raise UsageError(f"--backend {backend} runs an exported bundle: add --engine DIR (corrclip-export makes one)")
     sam = "none" if masks_given and not args.sam else args.sam
     return Segmenter(args.backbone, args.weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
                      sam_weights=args.sam_weights, sam=sam, amg=amg_settings(args), device=args.device,
-                     method=args.method)
+                     method=args.method, text_cache=text_cache(args))
 
 
 def warn_if_random(seg) -> None:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 out=${OUT:-outputs/example}
 args=(segment examples/example.jpg --classes "table, cup, saucer, spoon, coffee" --backbone vit_b --out "$out")
-if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then  # no torch import: seconds
   # On a CPU, SAM's 32x32 = 1024 prompts take minutes; 8x8 is the research code's online setting.
   echo "==> no GPU: using an 8x8 SAM prompt grid (pass --points-per-side 32 for the full grid)" >&2
   args+=(--points-per-side 8)

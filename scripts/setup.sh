@@ -13,5 +13,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch comes from the package registry (its CUDA build also runs on the CPU; the CPU-only wheel
 # has no matching torchvision, which open_clip and segment_anything import).
-.venv/bin/python -m pip install -q -e ".[dev,export]"
+.venv/bin/python -m pip install -q -e ".[dev,openvino,ray]"
 echo "$want" > "$stamp"

@@ -1,17 +1,38 @@
 """Test session setup.
 
-Triton decides between compiled kernels and its CPU interpreter when `triton.language` is first
-imported, and timm imports it as a side effect. Without a GPU only the interpreter works, so set
-it before anything imports Triton.
+Triton decides between compiled kernels and its CPU interpreter when it is first imported, and timm imports it as
+a side effect. Without a GPU only the interpreter works, so set it before anything imports Triton.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Caches (text embeddings) go to a fresh folder per session: no state from the user's ~/.cache leaks in.
+os.environ["CORRCLIP_CACHE"] = tempfile.mkdtemp(prefix="corrclip-test-cache-")
+
+from triton_support import device_skip_reason  # noqa: E402  (after TRITON_INTERPRET is settled)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Where a kernel test runs: "cpu" = the kernels interpreted (TRITON_INTERPRET=1, no GPU or forced), "cuda" =
+    compiled on the GPU. One of the two runs in a process, the other is skipped with the reason. Inputs are made
+    on the CPU and moved; references run on the same device with TF32 off, so the tolerances mean the same."""
+    reason = device_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device(request.param)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""Fused masked correlation attention (Triton, interpreted on the CPU) against the torch reference and float64."""
+"""Masked correlation attention, Triton path (interpreted on the CPU, compiled on CUDA) against the torch reference
+on the same device and float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_support import interpreted
 
-from corrclip.kernels import choose, correlation, set_backend
+from corrclip.kernels import correlation
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -57,16 +57,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def run_case(b, n, c, d, kind, dtype, seed, features=clustered, **blocks):
+def run_case(b, n, c, d, kind, dtype, seed, device, features=clustered, strided=True, **blocks):
     g = torch.Generator().manual_seed(seed)
     feats = features(b, n, c, g).to(dtype)
     ids = region_ids(kind, b, n, g)
     values = torch.randn(b, n, d, generator=g).to(dtype)
     check_margin(feats, ids, 0.05 if features is clustered else 1e-5)
-    out = torch.full((b, n, d), float("nan"), dtype=dtype)  # poisoned: an unwritten element fails
-    correlation._correlation_into(out, feats, ids, values, 4.0, **blocks)
-    assert not out.isnan().any()
     exact = correlation.masked_correlation_attention(feats.double(), ids, values.double(), 4.0)
+    feats, ids, values = feats.to(device), ids.to(device), values.to(device)
+    if strided:  # what the head hands over: channels strided by N
+        values = values.transpose(1, 2).contiguous().transpose(1, 2)
+    out = correlation.masked_correlation_attention_triton(feats, ids, values, 4.0, **blocks)
+    assert out.shape == values.shape and out.dtype == dtype and out.device == feats.device
+    assert not out.isnan().any()
     ref = correlation.masked_correlation_attention(feats, ids, values, 4.0)
     assert rel_err(out, exact) < TOL[dtype]
     assert rel_err(out, ref) < TOL[dtype]
@@ -83,45 +86,31 @@ CASES = [  # b, n, c, d, ids
 ]
 
 
-@interpreted
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[4]}-n{case[1]}")
-def test_fp32(case):
-    run_case(*case, torch.float32, seed=case[1])
+def test_fp32(case, device, poisoned):
+    run_case(*case, torch.float32, seed=case[1], device=device)
 
 
-@interpreted
 @pytest.mark.parametrize("case", [(2, 150, 16, 24, "mixed"), (1, 100, 16, 8, "all_unsegmented")],
                          ids=["mixed", "all_unsegmented"])
-def test_fp32_threshold(case):
-    run_case(*case, torch.float32, seed=4, features=generic)
+def test_fp32_threshold(case, device):
+    run_case(*case, torch.float32, seed=4, device=device, features=generic)
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=lambda case: f"{case[4]}-n{case[1]}")
-def test_half(case, dtype):
-    run_case(*case, dtype, seed=case[1] + 1)
+def test_half(case, dtype, device, poisoned):
+    run_case(*case, dtype, seed=case[1] + 1, device=device, strided=case is not CASES[2])
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_small_blocks(dtype):
-    """Several C chunks and D blocks, both ragged (40 = 16 + 16 + 8), and query/key blocks of unequal size."""
-    run_case(2, 90, 40, 40, "mixed", dtype, seed=7, block_m=16, block_n=32, block_c=16, block_d=16)
+def test_gpu_blocks(dtype, device, poisoned):
+    """The GPU configuration on both devices, at sizes that fill its blocks: two query blocks, three key blocks and
+    two channel blocks, each ragged (150 = 64 + 64 + 22, 300 = 256 + 44 or 3 x 128 - 84)."""
+    run_case(1, 150, 32, 300, "mixed", dtype, seed=11, device=device, **correlation.gpu_blocks(dtype))
 
 
-@interpreted
-def test_public_function_and_dispatch():
-    g = torch.Generator().manual_seed(3)
-    feats = clustered(2, 40, 16, g)
-    ids = region_ids("mixed", 2, 40, g)
-    # The head hands over a transposed view of the upsampled values: strides must be honoured.
-    values = torch.randn(2, 24, 40, generator=g).transpose(1, 2)
-    out = correlation.masked_correlation_attention_triton(feats, ids, values)
-    assert out.shape == values.shape and out.dtype == values.dtype
-    assert rel_err(out, correlation.masked_correlation_attention(feats, ids, values)) < 1e-5
-    set_backend("triton")
-    try:
-        assert choose("masked_correlation_attention").__name__ == "masked_correlation_attention_triton"
-    finally:
-        set_backend("auto")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_small_blocks(dtype, device, poisoned):
+    """Query and key blocks of unequal size, several ragged D blocks (40 = 16 + 16 + 8)."""
+    run_case(2, 90, 40, 40, "mixed", dtype, seed=7, device=device, block_m=16, block_n=32, block_d=16)

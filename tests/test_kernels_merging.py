@@ -1,11 +1,11 @@
-"""Fused region merging (Triton, interpreted on the CPU) against the torch reference and float64."""
+"""Region merging, Triton path (interpreted on the CPU, compiled on CUDA) against the torch reference on the same
+device and float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_support import interpreted
 
-from corrclip.kernels import choose, merging, set_backend
+from corrclip.kernels import merging
 from corrclip.runtime.regions import compact_per_window
 
 
@@ -60,44 +60,42 @@ CASES = [  # b, n, c, num_ids, kind
 ]
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[4]}-n{case[1]}-r{case[3]}")
-def test_ids_match_reference(case, dtype):
+def test_ids_match_reference(case, dtype, device):
+    """merge_regions_triton launches with the one configuration it has (MEANS_BLOCKS, GRAPH_BLOCKS) on every device."""
     feats, local, r = make_windows(*case, seed=case[1] + case[3])
     feats = feats.to(dtype)
     _, _, _, margin = float64_graph(feats, local, r, 0.2)
     assert margin > 1e-3, "test data: no pair may sit on the eps boundary"
+    exact = merging.merge_regions(feats.double(), local, r, 0.2)
+    feats, local = feats.to(device), local.to(device)
     out = merging.merge_regions_triton(feats, local, r, 0.2)
+    assert out.device == feats.device
     assert out.tolist() == merging.merge_regions(feats, local, r, 0.2).tolist()
-    assert out.tolist() == merging.merge_regions(feats.double(), local, r, 0.2).tolist()
+    assert out.tolist() == exact.tolist()
     if case[3] >= 12:
         assert len(out.unique()) < r, "test data should make some regions merge"
 
 
-@interpreted
+@pytest.mark.parametrize("blocks", ["small", "gpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_means_and_graph_poisoned(dtype):
-    """Intermediates against float64, several ragged blocks of regions, tokens and channels; buffers pre-filled with
-    values the kernels never write (NaN, 2) so that a missed element fails."""
-    feats, local, r = make_windows(2, 90, 40, 40, "mixed", seed=5)
+def test_means_and_graph_poisoned(dtype, blocks, device):
+    """Intermediates against float64, several ragged blocks of regions, tokens and channels (small blocks) or the
+    GPU configuration at sizes that fill it (130 tokens = 64 + 64 + 2, 80 channels = 32 + 32 + 16, 70 regions);
+    buffers pre-filled with values the kernels never write (NaN, 2) so that a missed element fails."""
+    n, c, ids = (90, 40, 40) if blocks == "small" else (130, 80, 70)
+    feats, local, r = make_windows(2, n, c, ids, "mixed", seed=5)
     feats = feats.to(dtype)
     means64, counts64, reach64, margin = float64_graph(feats, local, r, 0.2)
     assert margin > 1e-3
-    means = torch.full((2, r, 40), float("nan"))
-    counts = torch.full((2, r), float("nan"))
-    merging._region_means_into(means, counts, feats, local, block_r=16, block_n=32, block_c=16)
+    means = torch.full((2, r, c), float("nan"), device=device)
+    counts = torch.full((2, r), float("nan"), device=device)
+    means_blocks = dict(block_r=16, block_n=32, block_c=16) if blocks == "small" else merging.MEANS_BLOCKS
+    merging._region_means_into(means, counts, feats.to(device), local.to(device), **means_blocks)
     assert counts.tolist() == counts64.tolist()
-    torch.testing.assert_close(means.double(), means64, rtol=1e-5, atol=1e-6)
-    reach = torch.full((2, r, r), 2, dtype=torch.int8)
-    merging._region_graph_into(reach, means, counts, 0.2, block_r=16, block_c=16)
+    torch.testing.assert_close(means.cpu().double(), means64, rtol=1e-5, atol=1e-6)
+    reach = torch.full((2, r, r), 2, dtype=torch.int8, device=device)
+    graph_blocks = dict(block_r=16, block_c=16) if blocks == "small" else merging.GRAPH_BLOCKS
+    merging._region_graph_into(reach, means, counts, 0.2, **graph_blocks)
     assert reach.tolist() == reach64.to(torch.int8).tolist()
-
-
-@interpreted
-def test_dispatch():
-    set_backend("triton")
-    try:
-        assert choose("merge_regions").__name__ == "merge_regions_triton"
-    finally:
-        set_backend("auto")

@@ -56,7 +56,7 @@ def test_three_methods_share_one_code_path(segmenters, image, monkeypatch):
             return fn(*a, **k)
         monkeypatch.setattr(pipeline_module, name, wrapped)
 
-    for name in ("sliding_windows", "resize_image", "stitch", "classify", "vote", "choose"):
+    for name in ("sliding_windows", "resize_image", "stitch", "classify", "vote", "stitch_classify_vote"):
         spy(name, getattr(pipeline_module, name))
     for current in ("corrclip", "sc-clip", "cliptrase"):
         seg = segmenters[current]

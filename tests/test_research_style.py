@@ -15,8 +15,8 @@ import torch
 
 from corrclip.api import Segmenter, as_vocabulary
 from corrclip.kernels.merging import merge_regions
+from corrclip.methods.corrclip import CorrClipSettings as Settings
 from corrclip.models.build import build_models
-from corrclip.presets import Settings
 from corrclip.runtime.timing import StageTimer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, methods, presets
+from .. import __version__, methods
+from ..cli_args import add_weights_args
 from ..engine.bundle import SCHEMA_VERSION, Bundle, BundleError, BundleWriter
 from ..models.build import Models
 from ..models.checkpoints import WeightsError
@@ -41,24 +42,14 @@ def parser() -> argparse.ArgumentParser:
         description="Export CorrCLIP's graphs (CLIP text, CLIP trunk, DINO, correlation head, SAM encoder and "
                     "decoder) into an engine bundle that `corrclip segment --engine DIR` and C/C++ hosts run.",
         epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--method", default="corrclip", choices=methods.names(),
-                   help="; ".join(f"{m}: {methods.get(m).summary}" for m in methods.names()))
-    p.add_argument("--backbone", default="vit_b", choices=list(presets.BACKBONES))
-    p.add_argument("--clip", help="CLIP as ARCH:WEIGHTS (open_clip tag or local file), e.g. ViT-B-16:openai")
+    add_weights_args(p)
     p.add_argument("--dino", choices=["dino_vitb8", "dino_vits8", "tiny"], help="DINO model (default: the backbone's)")
-    p.add_argument("--dino-weights", help="local DINO checkpoint")
-    p.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h", "tiny", "none"],
-                   help="SAM model (default: the backbone's); none = the bundle needs user label maps")
-    p.add_argument("--sam-weights", help="local SAM checkpoint")
-    p.add_argument("--weights", choices=["official", "random"], default=None,
-                   help="default weights of every model (default: official; random for tiny)")
     p.add_argument("--format", default="onnx", help=f"comma list of {', '.join(FORMATS)} (default onnx; onnx is "
                    "always written; TensorRT engines are built from the ONNX graphs on the target GPU)")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--crop", type=int, default=None,
                    help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
-    p.add_argument("--device", default="cpu", help="device to export/compile on (AOTInductor builds for it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     return p
@@ -66,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.device = args.device or "cpu"  # the device to export and compile (AOTInductor) on
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -82,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        models = methods.build_models(method, args.backbone, args.weights, clip_weights=args.clip,
+        models = methods.build_models(method, args.backbone, args.weights, clip_weights=args.clip_weights,
                                       dino_weights=args.dino_weights, sam_weights=args.sam_weights, sam=args.sam,
                                       dino=args.dino, device=args.device)
         writer = BundleWriter(args.out, overwrite=args.overwrite)

@@ -7,7 +7,7 @@ the connected components of the graph {D_rs <= eps} (eps inclusive), numbered in
 their lowest member. We compute those components with a fixed number of boolean matrix squarings:
 no sklearn, no host round trip, and no Python loop over windows or regions.
 
-This file is the plain torch reference; a fused kernel with the same signature sits beside it.
+This file holds the plain torch reference and, beside it, its Triton path; corrclip.kernels dispatches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import functools
 import math
 
 import torch
+
+from . import dispatch, triton_common
 
 
 def merge_regions(feats: torch.Tensor, local_ids: torch.Tensor, num_regions: int,
@@ -63,21 +65,18 @@ def _label_components(reach: torch.Tensor, valid: torch.Tensor, local_ids: torch
     return torch.gather(cluster, 1, local_ids)
 
 
-# ---- Triton kernels --------------------------------------------------------------------------------------------------
-# As in correlation.py: Triton is imported on first use (it fixes compiled vs. interpreted when triton.language is first
-# imported), and under the CPU interpreter bf16/fp16 operands of tl.dot are handed over as float32 values (the
-# interpreter multiplies bf16 bit patterns, triton#11584). The one-hot operand is exact in any dtype.
-#
-# The connected components stay in torch (_label_components): ~log2(R) batched R x R boolean matmuls, O(R^3 log R) on
-# R ~ 200 regions, a few cuBLAS calls; a Triton union-find would need a grid-wide sync per round and win nothing.
+# ---- Triton path -----------------------------------------------------------------------------------------------------
+# Region means and the eps-graph in Triton; the connected components stay in torch (_label_components): ~log2(R)
+# batched R x R boolean matmuls, O(R^3 log R) on R ~ 200 regions, a few cuBLAS calls; a Triton union-find would need a
+# grid-wide sync per round and win nothing. The one-hot operand of the means is exact in any dtype.
 
-tl = None  # triton.language, bound by _kernels()
+tl = None  # triton.language, bound by _triton()
 
 
 def _region_means_kernel(f_ptr, ids_ptr, means_ptr, counts_ptr, n, c, r,
                          s_fb, s_fn, s_fc, s_ib, s_in, s_mb, s_mr, s_mc, s_cb, s_cr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+                         PRECISION: tl.constexpr):
     """One program: BLOCK_R regions x BLOCK_C channels of one window. Sums are one-hot [R, N] @ feats [N, C] on the
     tensor cores, a fixed summation order (no atomics), so the means come out the same every run."""
     pid_r, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -90,8 +89,6 @@ def _region_means_kernel(f_ptr, ids_ptr, means_ptr, counts_ptr, n, c, r,
         ids = tl.load(ids_ptr + b * s_ib + toks * s_in, mask=toks < n, other=-1)
         f = tl.load(f_ptr + b * s_fb + toks[:, None] * s_fn + chans[None, :] * s_fc,
                     mask=(toks[:, None] < n) & (chans[None, :] < c), other=0.0)
-        if INTERPRETED:
-            f = f.to(tl.float32)
         onehot = regions[:, None] == ids[None, :]
         sums = tl.dot(onehot.to(f.dtype), f, sums, input_precision=PRECISION)
         counts += tl.sum(onehot.to(tl.float32), 1)
@@ -149,11 +146,12 @@ def _region_graph_kernel(means_ptr, counts_ptr, reach_ptr, r, c, eps,
 
 
 @functools.cache
-def _kernels():
-    global tl
-    import triton
-    import triton.language as tl
-    return triton.jit(_region_means_kernel), triton.jit(_region_graph_kernel)
+def _triton():
+    # n (tokens) and r (regions) vary per window size and per image; so do the strides that contain them.
+    varying = ("n", "r", "s_fb", "s_ib", "s_mb", "s_cb")
+    return triton_common.jit_module(globals(), ("_region_means_kernel", "_region_graph_kernel"),
+                                    {"_region_means_kernel": varying,
+                                     "_region_graph_kernel": ("r", "s_mb", "s_cb", "s_rb", "s_rr")})
 
 
 def _block(size: int, cap: int) -> int:
@@ -161,29 +159,36 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, 1 << (size - 1).bit_length()))
 
 
+# The launch configuration on every device; aot.py checks registers, spills and shared memory of these on sm_90/80
+# (ptxas: 64-wide channel blocks at 4 warps, and 64-region graph rows, spill on sm_80 in fp32).
+MEANS_BLOCKS = dict(block_r=64, block_n=64, block_c=32, num_warps=8)
+GRAPH_BLOCKS = dict(block_r=32, block_c=32, num_warps=4)
+
+
 def _region_means_into(means: torch.Tensor, counts: torch.Tensor, feats: torch.Tensor, local_ids: torch.Tensor,
-                       block_r: int = 64, block_n: int = 64, block_c: int = 64) -> None:
+                       block_r: int = 64, block_n: int = 64, block_c: int = 32, num_warps: int = 8) -> None:
     """means [B,R,C] fp32 and counts [B,R] fp32 of the regions 0..R-1 of every window."""
-    means_kernel, _ = _kernels()
+    _triton()
     b, n, c = feats.shape
     r = means.shape[1]
     br, bn, bc = _block(r, block_r), _block(n, block_n), _block(c, block_c)
-    means_kernel[(-(-r // br), -(-c // bc), b)](
+    triton_common.launch(
+        _region_means_kernel, (-(-r // br), -(-c // bc), b),
         feats, local_ids, means, counts, n, c, r, *feats.stride(), *local_ids.stride(), *means.stride(),
         *counts.stride(), BLOCK_R=br, BLOCK_N=bn, BLOCK_C=bc,
         PRECISION="ieee" if feats.dtype == torch.float32 else "tf32",  # TF32's 10-bit mantissa could flip pairs at eps
-        INTERPRETED=feats.device.type == "cpu")
+        num_warps=num_warps)
 
 
 def _region_graph_into(reach: torch.Tensor, means: torch.Tensor, counts: torch.Tensor, eps: float,
-                       block_r: int = 64, block_c: int = 32) -> None:
+                       block_r: int = 32, block_c: int = 32, num_warps: int = 4) -> None:
     """reach [B,R,R] int8 (0/1): the eps-graph of the valid regions' mean cosines, diagonal included."""
-    _, graph_kernel = _kernels()
+    _triton()
     b, r, c = means.shape
     br, bc = _block(r, block_r), _block(c, block_c)
-    graph_kernel[(-(-r // br), b)](means, counts, reach, r, c, eps, *means.stride(), *counts.stride(),
-                                    *reach.stride(), BLOCK_R=br, BLOCK_C=bc, PRECISION="ieee",
-                                    num_warps=8, num_stages=2)  # no register spills on sm_90 (ptxas)
+    triton_common.launch(_region_graph_kernel, (-(-r // br), b), means, counts, reach, r, c, eps, *means.stride(),
+                         *counts.stride(), *reach.stride(), BLOCK_R=br, BLOCK_C=bc, PRECISION="ieee",
+                         num_warps=num_warps, num_stages=2)
 
 
 def merge_regions_triton(feats: torch.Tensor, local_ids: torch.Tensor, num_regions: int,
@@ -193,6 +198,18 @@ def merge_regions_triton(feats: torch.Tensor, local_ids: torch.Tensor, num_regio
     means = torch.empty(b, num_regions, c, dtype=torch.float32, device=feats.device)
     counts = torch.empty(b, num_regions, dtype=torch.float32, device=feats.device)
     reach = torch.empty(b, num_regions, num_regions, dtype=torch.int8, device=feats.device)
-    _region_means_into(means, counts, feats, local_ids)
-    _region_graph_into(reach, means, counts, eps)
+    _region_means_into(means, counts, feats, local_ids, **MEANS_BLOCKS)
+    _region_graph_into(reach, means, counts, eps, **GRAPH_BLOCKS)
     return _label_components(reach.bool(), _valid(counts), local_ids)
+
+
+@torch.library.custom_op("corrclip::merge_regions", mutates_args=())
+def merge_regions_op(feats: torch.Tensor, local_ids: torch.Tensor, num_regions: int, eps: float) -> torch.Tensor:
+    """The Triton path as a torch op (what the entry point calls); falls back to the reference if it fails."""
+    return dispatch.run_fused("merge_regions", merge_regions_triton, merge_regions, feats.device, feats, local_ids,
+                              num_regions, eps)
+
+
+@merge_regions_op.register_fake
+def _(feats: torch.Tensor, local_ids: torch.Tensor, num_regions: int, eps: float) -> torch.Tensor:
+    return torch.empty_like(local_ids)

@@ -102,24 +102,12 @@ def sam_postprocess(low_res_logits: torch.Tensor, iou_preds: torch.Tensor, input
                     masks if return_masks else None, num_stable=int(ids.numel()))
 
 
-# ---- Fused Triton kernels --------------------------------------------------------------------------------------------
-
-# Triton is imported on first use, not with this module: it decides when triton.language is first imported
-# whether kernels compile or run under the CPU interpreter (TRITON_INTERPRET), so tests must be able to choose
-# after `import corrclip`; and CPU-only torch builds have no Triton at all. The functions below are plain Python
-# until _triton() swaps each for its triton.jit version (helpers too: a kernel resolves callees by global name).
+# ---- Triton path -----------------------------------------------------------------------------------------------------
+# The functions below are plain Python until _triton() swaps each for its triton.jit version (triton_common).
 
 tl = None  # triton.language, bound by _triton()
 _JIT = ("_mix", "_upsampled", "_stats_kernel", "_paint_kernel")
-
-
-_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted below like the rest
-
-
-@functools.cache
-def _triton():
-    return triton_common.jit_module(globals(), _JIT)
-
+_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted like the rest
 
 
 def _mix(plane, ra, rb, wra, wrb, ca, cb, wca, wcb, LOW: tl.constexpr):
@@ -150,25 +138,43 @@ def _upsampled(plane, oy, ox, ih, iw, sy, sx, low_scale, LOW: tl.constexpr):
 
 
 def _stats_kernel(low_ptr, cand_ptr, counts_ptr, box_ptr, H0, W0, ih, iw, sy, sx, low_scale, thr, hi, lo,
-                  LOW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """One program: one TILE_H x TILE_W output tile of one candidate; counts (>hi, >lo, >thr) and box by atomics."""
-    tile, k = tl.program_id(0), tl.program_id(1)
+                  LOW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, TILES: tl.constexpr):
+    """One program: TILES consecutive TILE_H x TILE_W output tiles of one candidate. Its counts (>hi, >lo, >thr) and
+    box are accumulated per lane in registers and reduced once: 7 atomics a program, not 7 a tile (relaxed: they
+    are read only after the kernel, so they need atomicity, not ordering)."""
+    group, k = tl.program_id(0), tl.program_id(1)
     n_tx = tl.cdiv(W0, TILE_W)
-    oy = (tile // n_tx) * TILE_H + tl.arange(0, TILE_H)[:, None]
-    ox = (tile % n_tx) * TILE_W + tl.arange(0, TILE_W)[None, :]
-    inside = (oy < H0) & (ox < W0)
+    n_tiles = tl.cdiv(H0, TILE_H) * n_tx
     plane = low_ptr + tl.load(cand_ptr + k).to(tl.int64) * (LOW * LOW)
-    # clamped coordinates keep every tap in the plane; `inside` drops the extra lanes
-    v = _upsampled(plane, tl.minimum(oy, H0 - 1), tl.minimum(ox, W0 - 1), ih, iw, sy, sx, low_scale, LOW)
-    on = inside & (v > thr)
-    tl.atomic_add(counts_ptr + k * 3 + 0, tl.sum(tl.sum((inside & (v > hi)).to(tl.int32), 1), 0))
-    tl.atomic_add(counts_ptr + k * 3 + 1, tl.sum(tl.sum((inside & (v > lo)).to(tl.int32), 1), 0))
-    tl.atomic_add(counts_ptr + k * 3 + 2, tl.sum(tl.sum(on.to(tl.int32), 1), 0))
     big = H0 + W0
-    tl.atomic_min(box_ptr + k * 4 + 0, tl.min(tl.min(tl.where(on, ox, big), 1), 0))
-    tl.atomic_min(box_ptr + k * 4 + 1, tl.min(tl.min(tl.where(on, oy, big), 1), 0))
-    tl.atomic_max(box_ptr + k * 4 + 2, tl.max(tl.max(tl.where(on, ox, -1), 1), 0))
-    tl.atomic_max(box_ptr + k * 4 + 3, tl.max(tl.max(tl.where(on, oy, -1), 1), 0))
+    n_hi = tl.zeros([TILE_H, TILE_W], tl.int32)
+    n_lo = tl.zeros([TILE_H, TILE_W], tl.int32)
+    n_on = tl.zeros([TILE_H, TILE_W], tl.int32)
+    x0 = tl.full([TILE_H, TILE_W], big, tl.int32)
+    y0 = tl.full([TILE_H, TILE_W], big, tl.int32)
+    x1 = tl.full([TILE_H, TILE_W], -1, tl.int32)
+    y1 = tl.full([TILE_H, TILE_W], -1, tl.int32)
+    for tile in range(group * TILES, tl.minimum(group * TILES + TILES, n_tiles)):
+        oy = (tile // n_tx) * TILE_H + tl.arange(0, TILE_H)[:, None]
+        ox = (tile % n_tx) * TILE_W + tl.arange(0, TILE_W)[None, :]
+        inside = (oy < H0) & (ox < W0)
+        # clamped coordinates keep every tap in the plane; `inside` drops the extra lanes
+        v = _upsampled(plane, tl.minimum(oy, H0 - 1), tl.minimum(ox, W0 - 1), ih, iw, sy, sx, low_scale, LOW)
+        on = inside & (v > thr)
+        n_hi += (inside & (v > hi)).to(tl.int32)
+        n_lo += (inside & (v > lo)).to(tl.int32)
+        n_on += on.to(tl.int32)
+        x0 = tl.minimum(x0, tl.where(on, ox, big))
+        y0 = tl.minimum(y0, tl.where(on, oy, big))
+        x1 = tl.maximum(x1, tl.where(on, ox, -1))
+        y1 = tl.maximum(y1, tl.where(on, oy, -1))
+    tl.atomic_add(counts_ptr + k * 3 + 0, tl.sum(tl.sum(n_hi, 1), 0), sem="relaxed")
+    tl.atomic_add(counts_ptr + k * 3 + 1, tl.sum(tl.sum(n_lo, 1), 0), sem="relaxed")
+    tl.atomic_add(counts_ptr + k * 3 + 2, tl.sum(tl.sum(n_on, 1), 0), sem="relaxed")
+    tl.atomic_min(box_ptr + k * 4 + 0, tl.min(tl.min(x0, 1), 0), sem="relaxed")
+    tl.atomic_min(box_ptr + k * 4 + 1, tl.min(tl.min(y0, 1), 0), sem="relaxed")
+    tl.atomic_max(box_ptr + k * 4 + 2, tl.max(tl.max(x1, 1), 0), sem="relaxed")
+    tl.atomic_max(box_ptr + k * 4 + 3, tl.max(tl.max(y1, 1), 0), sem="relaxed")
 
 
 def _paint_kernel(low_ptr, order_ptr, box_ptr, label_ptr, n_keep, H0, W0, ih, iw, sy, sx, low_scale, thr,
@@ -203,29 +209,81 @@ def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
+# The launch configuration; aot.py checks registers, spills and shared memory of GPU_BLOCKS on sm_90/80.
+GPU_BLOCKS = dict(tile=(16, 64), tiles=16)  # 16 tiles of 1024 pixels per stats program
+CPU_BLOCKS = dict(tile=(128, 128), tiles=4)  # the interpreter pays per program, not per element
+
+
+@functools.cache
+def _triton():
+    per_image = ("H0", "W0", "ih", "iw")
+    return triton_common.jit_module(globals(), _JIT, {"_stats_kernel": per_image,
+                                                      "_paint_kernel": ("n_keep", *per_image)})
+
+
+@torch.library.custom_op("corrclip::sam_mask_stats", mutates_args=())
+def sam_mask_stats(low: torch.Tensor, cand: torch.Tensor, sizes: list[int], scales: list[float],
+                   thresholds: list[float], blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per candidate (low planes `cand`): counts [K, 3] int32 of upsampled logits > hi, > lo, > thr, and its box
+    [K, 4] int32 (x0, y0, x1, y1; empty: (H0 + W0, H0 + W0, -1, -1)). sizes: H0, W0, ih, iw; scales: sy, sx and
+    low / img_size; thresholds: thr, hi, lo (float32 values); blocks: tile height, width, tiles per program."""
+    triton = _triton()
+    (h0, w0, _, _), (th, tw, tiles) = sizes, blocks
+    counts = torch.zeros(cand.numel(), 3, dtype=torch.int32, device=low.device)
+    box = torch.empty(cand.numel(), 4, dtype=torch.int32, device=low.device)
+    box[:, :2], box[:, 2:] = h0 + w0, -1  # fills on the device, no host table
+    if cand.numel():
+        n_tiles = triton.cdiv(h0, th) * triton.cdiv(w0, tw)
+        triton_common.launch(_stats_kernel, (triton.cdiv(n_tiles, tiles), cand.numel()), low, cand, counts, box,
+                             *sizes, *scales, *thresholds, LOW=low.shape[-1], TILE_H=th, TILE_W=tw, TILES=tiles)
+    return counts, box
+
+
+@sam_mask_stats.register_fake
+def _(low, cand, sizes, scales, thresholds, blocks):
+    return cand.new_empty(cand.shape[0], 3, dtype=torch.int32), cand.new_empty(cand.shape[0], 4, dtype=torch.int32)
+
+
+@torch.library.custom_op("corrclip::sam_paint", mutates_args=())
+def sam_paint(low: torch.Tensor, order: torch.Tensor, boxes: torch.Tensor, sizes: list[int], scales: list[float],
+              thr: float, blocks: list[int]) -> torch.Tensor:
+    """int32 [H0, W0]: the low planes `order` (ascending area) painted 1..K where their upsampled logit > thr,
+    later ones on top; boxes [K, 4] int32 let a tile skip the masks that cannot reach it."""
+    triton = _triton()
+    (h0, w0, _, _), (th, tw, _) = sizes, blocks
+    label = torch.empty(h0, w0, dtype=torch.int32, device=low.device)
+    triton_common.launch(_paint_kernel, (triton.cdiv(h0, th) * triton.cdiv(w0, tw),), low, order, boxes, label,
+                         order.numel(), *sizes, *scales, thr, LOW=low.shape[-1], TILE_H=th, TILE_W=tw)
+    return label
+
+
+@sam_paint.register_fake
+def _(low, order, boxes, sizes, scales, thr, blocks):
+    return low.new_empty(sizes[0], sizes[1], dtype=torch.int32)
+
+
 def sam_postprocess_triton(low_res_logits: torch.Tensor, iou_preds: torch.Tensor, input_size: tuple[int, int],
                            orig_size: tuple[int, int], pred_iou_thresh: float, stability_score_thresh: float,
                            stability_score_offset: float, mask_threshold: float, box_nms_thresh: float,
                            img_size: int = 1024, return_masks: bool = False, chunk: int = 64,
-                           tile: tuple[int, int] | None = None) -> SamMasks:
-    """Same contract as `sam_postprocess`; no upsampled mask is stored (unless return_masks, done in torch)."""
-    triton = _triton()
+                           tile: tuple[int, int] | None = None, tiles: int | None = None) -> SamMasks:
+    """Same contract as `sam_postprocess`; no upsampled mask is stored (unless return_masks, done in torch).
+
+    tile (output rows, columns; powers of two) and tiles per stats program: GPU_BLOCKS on CUDA, CPU_BLOCKS else.
+    The filters and the NMS have data-dependent sizes, so they read back to the host as the reference does.
+    """
     low = low_res_logits.flatten(0, -3).float().contiguous()
     iou = iou_preds.flatten().float()
     dev, n_low = low.device, low.shape[-1]
-    # The CPU interpreter pays per program, not per element: large tiles there.
-    tile = tile or ((16, 64) if dev.type == "cuda" else (128, 128))
-    (ih, iw), (h0, w0), (th, tw) = input_size, orig_size, tile
-    geo = (h0, w0, ih, iw, _scale(ih, h0), _scale(iw, w0), _scale(n_low, img_size))
-    n_tiles = triton.cdiv(h0, th) * triton.cdiv(w0, tw)
+    config = GPU_BLOCKS if triton_common.gpu_config(dev) else CPU_BLOCKS
+    (th, tw), tiles = tile or config["tile"], tiles or config["tiles"]
+    (ih, iw), (h0, w0) = input_size, orig_size
+    sizes, scales = [h0, w0, ih, iw], [_scale(ih, h0), _scale(iw, w0), _scale(n_low, img_size)]
 
     cand = _iou_filter(iou, pred_iou_thresh)
-    counts = torch.zeros(cand.numel(), 3, dtype=torch.int32, device=dev)
-    box = torch.tensor([h0 + w0, h0 + w0, -1, -1], dtype=torch.int32, device=dev).repeat(cand.numel(), 1)
-    if cand.numel():
-        _stats_kernel[(n_tiles, cand.numel())](
-            low, cand, counts, box, *geo, _f32(mask_threshold), _f32(mask_threshold + stability_score_offset),
-            _f32(mask_threshold - stability_score_offset), LOW=n_low, TILE_H=th, TILE_W=tw)
+    thresholds = [_f32(mask_threshold), _f32(mask_threshold + stability_score_offset),
+                  _f32(mask_threshold - stability_score_offset)]
+    counts, box = sam_mask_stats(low, cand, sizes, scales, thresholds, [th, tw, tiles])
     stab = counts[:, 0] / counts[:, 1]  # int / int -> float32, as calculate_stability_score
     ok = stab >= stability_score_thresh if stability_score_thresh > 0.0 else torch.ones_like(stab, dtype=torch.bool)
     ids, stab, areas, box = cand[ok], stab[ok], counts[ok, 2].long(), box[ok].long()
@@ -235,9 +293,8 @@ def sam_postprocess_triton(low_res_logits: torch.Tensor, iou_preds: torch.Tensor
     order = batched_nms(box.float(), iou[ids], torch.zeros_like(ids), iou_threshold=box_nms_thresh)
     ids, stab, areas, box = ids[order], stab[order], areas[order], box[order]
     ranked = torch.sort(areas, stable=True).indices
-    label = torch.empty(h0, w0, dtype=torch.int32, device=dev)
-    _paint_kernel[(n_tiles,)](low, ids[ranked].contiguous(), box[ranked].to(torch.int32).contiguous(), label,
-                              ids.numel(), *geo, _f32(mask_threshold), LOW=n_low, TILE_H=th, TILE_W=tw)
+    label = sam_paint(low, ids[ranked].contiguous(), box[ranked].to(torch.int32).contiguous(), sizes, scales,
+                      thresholds[0], [th, tw, tiles])
     masks = None
     if return_masks:  # for callers that need the bitmaps (small-region removal): torch, kept masks only
         masks = torch.zeros(ids.numel(), h0, w0, dtype=torch.bool, device=dev)

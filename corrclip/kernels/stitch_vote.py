@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from . import triton_common
+from . import dispatch, triton_common
 from .stitch import stitch
 from .vote import classify, vote
 
@@ -43,24 +44,12 @@ def stitch_classify_vote(window_logits: torch.Tensor, windows: Sequence, input_s
     return vote(labels, regions, num_regions, num_classes)
 
 
-# ---- Fused Triton kernels --------------------------------------------------------------------------------------------
-
-# Triton is imported on first use, not with this module: it decides when triton.language is first imported
-# whether kernels compile or run under the CPU interpreter (TRITON_INTERPRET), so tests must be able to choose
-# after `import corrclip`; and CPU-only torch builds have no Triton at all. The functions below are plain Python
-# until _triton() swaps each for its triton.jit version (helpers too: a kernel resolves callees by global name).
+# ---- Triton path -----------------------------------------------------------------------------------------------------
+# The functions below are plain Python until _triton() swaps each for its triton.jit version (triton_common).
 
 tl = None  # triton.language, bound by _triton()
 _JIT = ("_bilerp", "_canvas_kernel", "_classify_kernel", "_majority_kernel", "_gather_kernel")
-
-
-_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted below like the rest
-
-
-@functools.cache
-def _triton():
-    return triton_common.jit_module(globals(), _JIT)
-
+_taps = triton_common.bilinear_taps  # shared with the other kernels; jitted like the rest
 
 
 def _bilerp(base, row, ya, yb, xa, xb, wya, wyb, wxa, wxb, mask):
@@ -73,9 +62,11 @@ def _bilerp(base, row, ya, yb, xa, xb, wya, wyb, wxa, wxb, mask):
             + wyb[None, :] * (wxa[None, :] * v_ba + wxb[None, :] * v_bb))
 
 
-def _canvas_kernel(logits_ptr, geom_ptr, scale_ptr, canvas_ptr, n_win, q, h, w, H, W,
+def _canvas_kernel(logits_ptr, geom_ptr, canvas_ptr, n_win, q, h, w, H, W,
                    BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """One program: BLOCK_Q queries x a TILE_H x TILE_W canvas tile; windows summed in order, then / count."""
+    """One program: BLOCK_Q queries x a TILE_H x TILE_W canvas tile; windows summed in order, then / count.
+
+    geom: per window y1, y2, x1, x2, top pad, left pad, padded height, padded width (int32)."""
     pid_t, pid_q = tl.program_id(0), tl.program_id(1)
     n_tx = tl.cdiv(W, TILE_W)
     ty, tx = (pid_t // n_tx) * TILE_H, (pid_t % n_tx) * TILE_W
@@ -86,12 +77,14 @@ def _canvas_kernel(logits_ptr, geom_ptr, scale_ptr, canvas_ptr, n_win, q, h, w, 
     acc = tl.zeros([BLOCK_Q, TILE_H * TILE_W], tl.float32)
     count = tl.zeros([TILE_H * TILE_W], tl.float32)
     for b in range(n_win):
-        y1, y2 = tl.load(geom_ptr + b * 6 + 0), tl.load(geom_ptr + b * 6 + 1)
-        x1, x2 = tl.load(geom_ptr + b * 6 + 2), tl.load(geom_ptr + b * 6 + 3)
+        y1, y2 = tl.load(geom_ptr + b * 8 + 0), tl.load(geom_ptr + b * 8 + 1)
+        x1, x2 = tl.load(geom_ptr + b * 8 + 2), tl.load(geom_ptr + b * 8 + 3)
         # a pixel is covered by a few windows only (4 with stride = crop / 2): skip the others
         if (y1 < ty + TILE_H) & (y2 > ty) & (x1 < tx + TILE_W) & (x2 > tx):
-            top, left = tl.load(geom_ptr + b * 6 + 4), tl.load(geom_ptr + b * 6 + 5)
-            sy, sx = tl.load(scale_ptr + b * 2), tl.load(scale_ptr + b * 2 + 1)
+            top, left = tl.load(geom_ptr + b * 8 + 4), tl.load(geom_ptr + b * 8 + 5)
+            # in / out in float32, correctly rounded, as ATen computes the scale of F.interpolate
+            sy = tl.math.div_rn(h.to(tl.float32), tl.load(geom_ptr + b * 8 + 6).to(tl.float32))
+            sx = tl.math.div_rn(w.to(tl.float32), tl.load(geom_ptr + b * 8 + 7).to(tl.float32))
             inside = pix_ok & (y >= y1) & (y < y2) & (x >= x1) & (x < x2)
             # position in the padded window, upsampled from the h x w logits
             ya, yb, wya, wyb = _taps(y - y1 + top, sy, h)
@@ -136,7 +129,8 @@ def _classify_kernel(canvas_ptr, qclass_ptr, regions_ptr, labels_ptr, hist_ptr, 
     tl.store(labels_ptr + pix, label.to(tl.int64), mask=pix_ok)
     region = tl.load(regions_ptr + pix, mask=pix_ok, other=0)
     # region 0 keeps its per-pixel labels, so it needs no counts
-    tl.atomic_add(hist_ptr + region * n_cls + label, 1, mask=pix_ok & (region > 0))
+    # Relaxed: the counts are read only after the kernel, so no ordering is needed, only atomicity.
+    tl.atomic_add(hist_ptr + region * n_cls + label, 1, mask=pix_ok & (region > 0), sem="relaxed")
 
 
 def _majority_kernel(hist_ptr, winner_ptr, n_reg, n_cls, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -160,6 +154,77 @@ def _scale(n_in: int, n_out: int) -> float:
     return (torch.tensor(n_in, dtype=torch.float32) / n_out).item()
 
 
+@dataclass(frozen=True)
+class _Window:
+    """The window fields the reference reads, rebuilt from a geometry table (fallback path)."""
+
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+    pad: tuple[int, int, int, int]  # left, right, top, bottom (right and bottom unused)
+    padded_size: tuple[int, int]
+
+
+def window_geometry(windows: Sequence, device: torch.device) -> torch.Tensor:
+    """int32 [B, 8] on `device`: y1, y2, x1, x2, top pad, left pad, padded height, padded width per window."""
+    rows = [[w.y1, w.y2, w.x1, w.x2, w.pad[2], w.pad[0], *w.padded_size] for w in windows]
+    return triton_common.nonblocking_to(rows, device).reshape(len(rows), 8)
+
+
+def _windows(geometry: torch.Tensor) -> list[_Window]:
+    return [_Window(y1, y2, x1, x2, (left, 0, top, 0), (ph, pw))
+            for y1, y2, x1, x2, top, left, ph, pw in geometry.tolist()]
+
+
+# The launch configuration; aot.py checks registers, spills and shared memory of GPU_BLOCKS on sm_90/80.
+GPU_BLOCKS = dict(block_p=128, block_q=8, tile=(8, 32))  # 2048-element tiles, about 15 live per thread at 4 warps
+CPU_BLOCKS = dict(block_p=4096, block_q=32, tile=(64, 64))  # the interpreter pays per program, not per element
+
+
+@functools.cache
+def _triton():
+    per_image = {"_canvas_kernel": ("n_win", "q", "h", "w", "H", "W"),
+                 "_classify_kernel": ("q", "H", "W", "H0", "W0", "n_cls"),
+                 "_majority_kernel": ("n_reg", "n_cls"), "_gather_kernel": ("n",)}
+    return triton_common.jit_module(globals(), _JIT, per_image)
+
+
+def _stitch_classify_vote_geometry(window_logits: torch.Tensor, geometry: torch.Tensor, input_size: Sequence[int],
+                                   output_size: Sequence[int], query_class: torch.Tensor, num_classes: int,
+                                   logit_scale: float, prob_thd: float, regions: torch.Tensor, num_regions: int,
+                                   block_p: int | None = None, block_q: int | None = None,
+                                   tile: Sequence[int] | None = None) -> torch.Tensor:
+    triton = _triton()
+    dev = window_logits.device
+    config = GPU_BLOCKS if triton_common.gpu_config(dev) else CPU_BLOCKS
+    block_p, block_q = block_p or config["block_p"], block_q or config["block_q"]
+    th, tw = tile or config["tile"]
+    logits = window_logits.float().contiguous()
+    n_win, q, h, w = logits.shape
+    (H, W), (H0, W0) = input_size, output_size
+    canvas = torch.empty(q, H, W, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(H, th) * triton.cdiv(W, tw), triton.cdiv(q, block_q))
+    triton_common.launch(_canvas_kernel, grid, logits, geometry.contiguous(), canvas, n_win, q, h, w, H, W,
+                         BLOCK_Q=block_q, TILE_H=th, TILE_W=tw)
+
+    regions = regions.contiguous()
+    qclass = query_class.to(device=dev, dtype=torch.int32).contiguous()
+    labels = torch.empty(H0, W0, dtype=torch.int64, device=dev)
+    hist = torch.zeros(num_regions, num_classes, dtype=torch.int32, device=dev)
+    triton_common.launch(_classify_kernel, (triton.cdiv(H0 * W0, block_p),), canvas, qclass, regions, labels, hist, q,
+                         H, W, H0, W0, num_classes, _scale(H, H0), _scale(W, W0), float(logit_scale), float(prob_thd),
+                         BLOCK_Q=block_q, BLOCK_P=block_p)
+
+    winner = torch.empty(num_regions, dtype=torch.int64, device=dev)
+    block_c = triton.next_power_of_2(num_classes)
+    block_r = max(1, min(64, 4096 // block_c))
+    triton_common.launch(_majority_kernel, (triton.cdiv(num_regions, block_r),), hist, winner, num_regions,
+                         num_classes, BLOCK_R=block_r, BLOCK_C=block_c)
+    triton_common.launch(_gather_kernel, (triton.cdiv(H0 * W0, 1024),), regions, winner, labels, H0 * W0, BLOCK=1024)
+    return labels
+
+
 def stitch_classify_vote_triton(window_logits: torch.Tensor, windows: Sequence, input_size: tuple[int, int],
                                 output_size: tuple[int, int], query_class: torch.Tensor, num_classes: int,
                                 logit_scale: float, prob_thd: float, regions: torch.Tensor, num_regions: int,
@@ -167,38 +232,30 @@ def stitch_classify_vote_triton(window_logits: torch.Tensor, windows: Sequence, 
                                 tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Same contract as `stitch_classify_vote`; stores the input-size canvas, never Q x H0 x W0 probabilities.
 
-    block_p output pixels and tile (canvas rows, columns; powers of two) per program, block_q queries per step.
+    block_p output pixels and tile (canvas rows, columns; powers of two) per program, block_q queries per step
+    (default: GPU_BLOCKS on CUDA, CPU_BLOCKS else).
     """
-    triton = _triton()
-    dev = window_logits.device
-    # The CPU interpreter pays per program, not per element: large blocks there.
-    gpu = dev.type == "cuda"
-    block_p = block_p or (128 if gpu else 4096)
-    block_q = block_q or (8 if gpu else 32)  # GPU: 2048-element tiles, about 15 live per thread at 4 warps
-    (th, tw) = tile or ((8, 32) if gpu else (64, 64))
-    logits = window_logits.float().contiguous()
-    n_win, q, h, w = logits.shape
-    (H, W), (H0, W0) = input_size, output_size
-    geom = torch.tensor([[win.y1, win.y2, win.x1, win.x2, win.pad[2], win.pad[0]] for win in windows],
-                        dtype=torch.int32, device=dev).reshape(n_win, 6)
-    scales = torch.tensor([[_scale(h, win.padded_size[0]), _scale(w, win.padded_size[1])] for win in windows],
-                          dtype=torch.float32, device=dev).reshape(n_win, 2)
-    canvas = torch.empty(q, H, W, dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(H, th) * triton.cdiv(W, tw), triton.cdiv(q, block_q))
-    _canvas_kernel[grid](logits, geom, scales, canvas, n_win, q, h, w, H, W, BLOCK_Q=block_q, TILE_H=th, TILE_W=tw)
+    geometry = window_geometry(windows, window_logits.device)
+    return _stitch_classify_vote_geometry(window_logits, geometry, input_size, output_size, query_class, num_classes,
+                                          logit_scale, prob_thd, regions, num_regions, block_p, block_q, tile)
 
-    regions = regions.contiguous()
-    qclass = query_class.to(device=dev, dtype=torch.int32).contiguous()
-    labels = torch.empty(H0, W0, dtype=torch.int64, device=dev)
-    hist = torch.zeros(num_regions, num_classes, dtype=torch.int32, device=dev)
-    _classify_kernel[(triton.cdiv(H0 * W0, block_p),)](
-        canvas, qclass, regions, labels, hist, q, H, W, H0, W0, num_classes,
-        _scale(H, H0), _scale(W, W0), float(logit_scale), float(prob_thd), BLOCK_Q=block_q, BLOCK_P=block_p)
 
-    winner = torch.empty(num_regions, dtype=torch.int64, device=dev)
-    block_c = triton.next_power_of_2(num_classes)
-    block_r = max(1, min(64, 4096 // block_c))
-    _majority_kernel[(triton.cdiv(num_regions, block_r),)](hist, winner, num_regions, num_classes,
-                                                          BLOCK_R=block_r, BLOCK_C=block_c)
-    _gather_kernel[(triton.cdiv(H0 * W0, 1024),)](regions, winner, labels, H0 * W0, BLOCK=1024)
-    return labels
+def _reference_geometry(window_logits: torch.Tensor, geometry: torch.Tensor, input_size: Sequence[int],
+                        output_size: Sequence[int], *args) -> torch.Tensor:
+    return stitch_classify_vote(window_logits, _windows(geometry), tuple(input_size), tuple(output_size), *args)
+
+
+@torch.library.custom_op("corrclip::stitch_classify_vote", mutates_args=())
+def stitch_classify_vote_op(window_logits: torch.Tensor, geometry: torch.Tensor, input_size: list[int],
+                            output_size: list[int], query_class: torch.Tensor, num_classes: int, logit_scale: float,
+                            prob_thd: float, regions: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """The Triton path as a torch op (geometry: window_geometry); falls back to the reference if it fails."""
+    return dispatch.run_fused("stitch_classify_vote", _stitch_classify_vote_geometry, _reference_geometry,
+                              window_logits.device, window_logits, geometry, input_size, output_size, query_class,
+                              num_classes, logit_scale, prob_thd, regions, num_regions)
+
+
+@stitch_classify_vote_op.register_fake
+def _(window_logits, geometry, input_size, output_size, query_class, num_classes, logit_scale, prob_thd, regions,
+      num_regions):
+    return regions.new_empty(tuple(output_size), dtype=torch.int64)

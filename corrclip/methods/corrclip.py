@@ -41,9 +41,8 @@ class CorrClipEncoder:
     name = "corrclip"
     needs_masks = True
 
-    def __init__(self, dino: Callable, trunk: Callable, head: Callable, patch: int, merge: Callable | None = None):
+    def __init__(self, dino: Callable, trunk: Callable, head: Callable, patch: int):
         self.dino, self.trunk, self.head, self.patch = dino, trunk, head, patch
-        self.merge_kw = {} if merge is None else {"merge": merge}
         self.stages = {"dino": dino, "clip_trunk": trunk, "corr_head": head}
 
     def encode(self, windows: torch.Tensor, masks: torch.Tensor | None, text: torch.Tensor, s: CorrClipSettings,
@@ -52,8 +51,8 @@ class CorrClipEncoder:
         with timer("dino"):
             feats = self.dino(windows)
         with timer("regions"):
-            reg = window_regions(masks, feats, (h // 8, w // 8), (h // self.patch, w // self.patch), s.merge_eps,
-                                 **self.merge_kw)
+            # merging and the head's attention are kernel entry points: Triton or torch by device, at call time
+            reg = window_regions(masks, feats, (h // 8, w // 8), (h // self.patch, w // self.patch), s.merge_eps)
         with timer("clip_trunk"):
             values, mct = self.trunk(windows, reg.membership)
         with timer("corr_head"):
@@ -62,16 +61,12 @@ class CorrClipEncoder:
 
 
 def build_encoder(models, device: torch.device) -> CorrClipEncoder:
-    from ..kernels import choose
     from ..models.clip import ClipTrunk
     from ..models.corr_head import CorrHead
     from ..models.dino import DinoFeatures
 
     visual = models.clip.visual
-    head = CorrHead(visual)
-    head.attention = choose("masked_correlation_attention", device)  # Triton on CUDA
-    return CorrClipEncoder(DinoFeatures(models.dino), ClipTrunk(visual), head, visual.conv1.kernel_size[0],
-                           choose("merge_regions", device))
+    return CorrClipEncoder(DinoFeatures(models.dino), ClipTrunk(visual), CorrHead(visual), visual.conv1.kernel_size[0])
 
 
 def from_graphs(run: dict[str, Callable], manifest: dict) -> CorrClipEncoder:

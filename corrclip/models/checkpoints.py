@@ -11,10 +11,13 @@ Checkpoints are read with `torch.load(weights_only=True)` or safetensors: never 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -27,6 +30,37 @@ def hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def offline() -> bool:
+    """Downloads switched off explicitly (CORRCLIP_OFFLINE=1, or Hugging Face's HF_HUB_OFFLINE=1)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("CORRCLIP_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@functools.cache
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """One short connection attempt to host:443 per process. Behind a proxy the library's own client decides."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def require_download(url: str, what: str, flag: str) -> None:
+    """Fails at once, in one line, when `what` (not cached) cannot be downloaded from url's host: downloads
+    switched off, or the host unreachable. Libraries' own retry loops would spend tens of seconds first."""
+    advice = f"Download it elsewhere and pass {flag} FILE, or use --weights random for a smoke run."
+    if offline():
+        raise WeightsError(f"{what} is not in the local cache and downloads are off (CORRCLIP_OFFLINE/HF_HUB_OFFLINE). "
+                           + advice)
+    host = urlparse(url).hostname or url
+    if not reachable(host):
+        raise WeightsError(f"{what} is not in the local cache and {host} cannot be reached from this machine. "
+                           + advice)
+
+
 def fetch(url: str, flag: str) -> Path:
     """Returns the local path of an official checkpoint, downloading it once into the hub cache.
 
@@ -35,6 +69,7 @@ def fetch(url: str, flag: str) -> Path:
     target = hub_dir() / os.path.basename(url)
     if target.is_file():
         return target
+    require_download(url, f"{os.path.basename(url)} ({url})", flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(target), progress=True)

@@ -14,6 +14,7 @@ building the research code's joint (R + 1 + n)^2 attention mask: same numbers, f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bicubic import plus_tenth_step, resize_grid
-from .checkpoints import WeightsError, load_into, load_state_dict, seeded
+from .checkpoints import WeightsError, load_into, load_state_dict, require_download, seeded
 
 TINY_CLIP = dict(
     embed_dim=32,
@@ -52,10 +53,10 @@ def build_clip(arch: str, weights: str = "official", *, device: str | torch.devi
         elif weights == "official":
             raise WeightsError("the tiny CLIP has no official weights: use --weights random or a local file")
     elif weights == "random":
-        with seeded(0):
+        with seeded(0), _quiet_open_clip():
             model = open_clip.create_model(arch, pretrained=None)
     elif _is_file(weights):
-        with seeded(0):
+        with seeded(0), _quiet_open_clip():
             model = open_clip.create_model(arch, pretrained=None)
         load_into(model, _clip_state_dict(weights), str(weights))
     else:
@@ -64,15 +65,68 @@ def build_clip(arch: str, weights: str = "official", *, device: str | torch.devi
             raise WeightsError(f"unknown open_clip architecture {arch!r}")
         if weights not in tags:
             raise WeightsError(f"{arch} has no open_clip pretrained tag {weights!r}; known: {', '.join(tags)}")
-        try:
-            model = open_clip.create_model(arch, pretrained=weights)
-        except Exception as e:  # noqa: BLE001 - downloads fail in many ways; one piece of advice
-            raise WeightsError(
-                f"could not load open_clip weights {arch}:{weights} ({type(e).__name__}: {str(e)[:160]}). "
-                "Download the checkpoint elsewhere and pass --clip-weights FILE, "
-                "or use --weights random for a smoke run."
-            ) from e
+        model = _official_clip(arch, weights)
     return model.eval().to(device)
+
+
+def _official_clip(arch: str, tag: str) -> nn.Module:
+    """open_clip's pretrained weights: from the local cache without touching the network when they are there;
+    otherwise one short reachability check, then open_clip's own download (which retries for a minute offline)."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))
+    use_hub = bool(repo) and open_clip.pretrained.has_hf_hub()
+    url = f"https://huggingface.co/{repo}" if use_hub else cfg.get("url", "")
+    what = f"the CLIP weights {arch}:{tag} ({url})"
+    cached = _cached_clip(repo, filename, use_hub, cfg.get("url", ""))
+    if not cached:
+        require_download(url, what, "--clip-weights")
+    try:
+        with _hub_offline(cached and use_hub):
+            return open_clip.create_model(arch, pretrained=tag)
+    except Exception as e:  # noqa: BLE001 - downloads fail in many ways; one piece of advice
+        raise WeightsError(f"could not load {what} ({type(e).__name__}: {str(e)[:160]}). Download the checkpoint "
+                           "elsewhere and pass --clip-weights FILE, or use --weights random for a smoke run.") from e
+
+
+def _cached_clip(repo: str, filename: str, use_hub: bool, url: str) -> bool:
+    """Whether open_clip will find the weights on disk (Hugging Face cache, or its URL cache ~/.cache/clip)."""
+    if use_hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        filename = filename or "open_clip_pytorch_model.bin"
+        stem = os.path.splitext(filename)[0]
+        names = [filename, f"{stem}.safetensors", "open_clip_model.safetensors"]
+        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    return bool(url) and os.path.isfile(os.path.expanduser(f"~/.cache/clip/{os.path.basename(url)}"))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger; we say it once."""
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool):
+    """Hugging Face hub in offline mode for one call: a cached file then loads without a network round trip."""
+    if not on:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
 
 
 def _is_file(weights: str) -> bool:

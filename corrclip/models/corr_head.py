@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.correlation import masked_correlation_attention
+from ..kernels import masked_correlation_attention
 
 
 class CorrHead(nn.Module):
@@ -32,7 +32,8 @@ class CorrHead(nn.Module):
         self.ln_post = visual.ln_post
         self.proj = visual.proj
         self.tau, self.alpha, self.beta = tau, alpha, beta
-        self.attention = masked_correlation_attention  # swapped for a fused kernel by the runtime
+        # The kernels' entry point: Triton or the torch reference, by device at call time; export traces the reference.
+        self.attention = masked_correlation_attention
 
     def forward(self, feats: torch.Tensor, region_ids: torch.Tensor, values: torch.Tensor, mct: torch.Tensor,
                 mct_index: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from corrclip.kernels import choose
+from corrclip.kernels import sam_postprocess
 from corrclip.models.sam import SamDecoder, SamEncoder, preprocess_image
 
 # SamAutomaticMaskGenerator's default crop_nms_thresh; with one crop it only matters for the
@@ -170,7 +170,7 @@ class MaskGenerator:
                      orig_size: tuple[int, int], return_masks: bool):
         s = self.settings
         t0 = _sync(self.device)
-        res = choose("sam_postprocess", self.device)(
+        res = sam_postprocess(
             low, iou, input_size, orig_size, s.pred_iou_thresh, s.stability_score_thresh, s.stability_score_offset,
             s.mask_threshold, s.box_nms_thresh, img_size=self.img_size, return_masks=return_masks)
         self.last_timings["mask_postprocess"] = _sync(self.device) - t0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..kernels import choose
+from ..kernels import stitch_classify_vote
 from ..kernels.stitch import stitch
 from ..kernels.vote import classify, vote
 from ..presets import Settings
@@ -82,7 +82,7 @@ class Pipeline:
                 probs = None
                 if regions is not None and settings.area_thd is None and not return_probs:
                     # One fused pass (Triton on CUDA) that never forms Q x H0 x W0 probabilities.
-                    labels = choose("stitch_classify_vote", self.device)(
+                    labels = stitch_classify_vote(
                         window_logits, item.windows, item.input_size, size, query_class, vocab.num_classes,
                         settings.logit_scale, settings.prob_thd, regions, num_regions)
                 else:

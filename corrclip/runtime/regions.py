@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..kernels.merging import merge_regions
+from ..kernels import merge_regions
 from .preprocess import resize_nearest
 
 
@@ -33,15 +33,14 @@ def compact_per_window(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """[B, ...] integer maps -> per-window ids 0..R_b-1 (sorted order kept), and max R_b."""
     b = ids.shape[0]
     flat = ids.reshape(b, -1)
-    lo = flat.min()
-    span = int(flat.max() - lo) + 1
-    key = (flat - lo) + span * torch.arange(b, device=ids.device)[:, None]
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    window = uniq // span
-    counts = torch.bincount(window, minlength=b)
-    starts = torch.cumsum(counts, 0) - counts
-    local = torch.arange(len(uniq), device=ids.device) - starts[window]
-    return local[inverse].reshape(ids.shape), int(counts.max())
+    # Rank of each value among its window's distinct values: sort each row, count value changes. One host read
+    # (R, a shape for what follows), where a global torch.unique needed two.
+    ordered, where = flat.sort(dim=1)
+    change = torch.ones_like(ordered, dtype=torch.long)
+    change[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = change.cumsum(dim=1) - 1
+    local = torch.empty_like(rank).scatter_(1, where, rank)
+    return local.reshape(ids.shape), int(rank[:, -1].max()) + 1
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""`corrclip eval`: mIoU on the benchmarks, with the research code's data layouts and mmseg's metric."""
