@@ -92,7 +92,7 @@ def lof_scores(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     x = x.float()
     n = x.shape[1]
-    k = torch.sym_min(k, n - 1)  # not min(): a Python branch on N would freeze it in an export
+    k = min(k, n - 1)
     sq = x.square().sum(-1)
     d = (sq[:, :, None] + sq[:, None, :] - 2 * x @ x.transpose(1, 2)).clamp_min(0)
     # Excluding self explicitly rather than dropping the first of k+1: same kd and same scores
