@@ -2,6 +2,7 @@
 
 Same models and same masks as corrclip.Segmenter, so the labels agree; only the way of computing
 differs. What makes it "research style" (corrclip.md §1 and §7, "sources of latency beyond FLOPs"):
+  * text from open_clip's encode_text on the full 77-token prompts, one class name at a time;
   * masks from segment_anything's own SamAutomaticMaskGenerator, painted with a loop over masks;
   * one window at a time (batch 1);
   * DINO run fully (every block and the final norm), its q+k read by a hook on the last qkv;
@@ -21,12 +22,14 @@ Stages are timed with the engine's stage names so the two paths compare stage by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from segment_anything import SamAutomaticMaskGenerator
 
 from corrclip.methods.corrclip import CorrClipSettings as Settings
@@ -34,7 +37,6 @@ from corrclip.models.build import Models
 from corrclip.models.clip import interpolate_pos_embed_clip, num_spatial_layers
 from corrclip.models.dino import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from corrclip.runtime.preprocess import PAD_MULTIPLE, PIXEL_MEAN, PIXEL_STD, resized_size
-from corrclip.runtime.text import TextEmbedder
 from corrclip.runtime.timing import StageTimer
 from corrclip.vocab import Vocabulary
 
@@ -74,6 +76,21 @@ def dbscan_precomputed(dist: list[list[float]], eps: float, min_samples: int = 1
     return labels
 
 
+@torch.inference_mode()
+def text_classifier(clip: torch.nn.Module, tokenizer, queries: Sequence[str], device: torch.device) -> torch.Tensor:
+    """[Q, E]: per query, open_clip's encode_text on the 80 ImageNet prompts (full 77-token context, one query
+    at a time), each prompt's embedding L2-normalized, their mean renormalized. Independent of the engine's
+    text path (corrclip.runtime.text), which trims the context and batches every prompt of the vocabulary."""
+    rows = []
+    for query in queries:
+        tokens = tokenizer([template(query) for template in OPENAI_IMAGENET_TEMPLATES]).to(device)
+        emb = clip.encode_text(tokens).float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        mean = emb.mean(dim=0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
 def _pad_size(h: int, w: int, multiple: int = PAD_MULTIPLE) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) zero padding up to a multiple, left/top = floor(pad / 2)."""
     pw, ph = -w % multiple, -h % multiple
@@ -101,18 +118,20 @@ class ResearchStylePath:
             open_clip.model.convert_weights_to_lp(self.clip)  # LayerNorms stay fp32, as create_model(precision=fp16)
             self.dino.half()
         self.visual = self.clip.visual
-        tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
-        # encode_text on the full 77-token context, as the research code; padding back after the
-        # embedder's trimming changes nothing (causal tower, pooled at end-of-text).
-        context = self.clip.context_length
-        self.text = TextEmbedder(lambda t: self.clip.encode_text(F.pad(t, (0, context - t.shape[1]))), tokenizer,
-                                 self.device)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
+        self._text: dict[str, torch.Tensor] = {}
         self.amg = None
         self.set_points(points_per_side)
         self._qkv: torch.Tensor | None = None
         self.last_regions = 0  # distinct ids in the last label map, for reports
         # Registered once (the research code's "correct hook" fix); it keeps the last qkv output.
         self._hook = self.dino.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
+
+    def text(self, vocab: Vocabulary) -> torch.Tensor:
+        """The vocabulary's text classifier, computed once per vocabulary (the research code does it at start-up)."""
+        if vocab.key() not in self._text:
+            self._text[vocab.key()] = text_classifier(self.clip, self.tokenizer, vocab.queries, self.device)
+        return self._text[vocab.key()]
 
     def set_points(self, points_per_side: int) -> None:
         if self.sam is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from . import __version__
@@ -26,7 +27,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
             "Per image, writes into --out:\n"
             "  NAME_labels.png   palette PNG, pixel value = class index (order of --classes)\n"
             "  NAME_overlay.png  the image with class colours and a legend\n"
-            "  NAME.json         classes, pixel share per class, per-stage times\n\n"
+            "  NAME.json         classes, pixel share per class, per-stage times\n"
+            "NAME is the image's file stem (with its folder's name in front when two images\n"
+            "share a stem). A failing image is reported and skipped; the others go on.\n\n"
             "Classes: commas separate classes, semicolons separate synonyms of one class; a\n"
             "class's score is the best of its names. The first class doubles as 'background'\n"
             "when --prob-thd is set: pixels whose best probability is lower get class 0."),
@@ -112,23 +115,26 @@ def _segment(args: argparse.Namespace) -> int:
     palette = make_palette(max(256, vocab.num_classes))
     failures: list[str] = []
     totals: dict[str, float] = {}
-    for path, mask_path in tqdm(list(zip(args.images, masks)), desc="segment", unit="img", disable=len(masks) < 2):
+    jobs = list(zip(args.images, masks, output_stems(args.images)))
+    for path, mask_path, stem in tqdm(jobs, desc="segment", unit="img", disable=len(masks) < 2):
         try:
             image = decode_image(path)
             label_map = load_label_map(mask_path, image.shape[:2]) if mask_path else None
             if label_map is None and seg.needs_masks:
-                raise ImageError("no region masks; pass --masks or drop --sam none")
+                raise ImageError(f"{path}: no region masks; pass --masks or drop --sam none")
             result = seg.run([image], vocab, settings, [label_map])[0]
-        except (ImageError, ValueError, OSError) as e:
+            write_segmentation(args.out, stem, image, result.labels, result.names, palette, result.timings,
+                               {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
+                                "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
+                                "method": seg.method, "random_weights": seg.random_weights,
+                                "settings": settings.__dict__})
+        except Exception as e:  # noqa: BLE001 - one image's failure, whatever it is, must not lose the others
             # ImageError messages already start with the file they are about (the image or its label map).
-            failures.append(str(e) if isinstance(e, ImageError) else f"{path}: {e}")
+            known = isinstance(e, (ImageError, ValueError, OSError))
+            failures.append(str(e) if isinstance(e, ImageError) else
+                            f"{path}: {e}" if known else f"{path}: {type(e).__name__}: {e}")
             tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
             continue
-        write_segmentation(args.out, path.stem, image, result.labels, result.names, palette, result.timings,
-                           {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
-                            "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
-                            "method": seg.method, "random_weights": seg.random_weights,
-                            "settings": settings.__dict__})
         for k, v in result.timings.items():
             totals[k] = totals.get(k, 0.0) + v
         tqdm.write(_time_line(path, result.timings))
@@ -149,6 +155,25 @@ def _time_line(path: Path, timings: dict[str, float]) -> str:
     main = {k: v for k, v in timings.items() if "." not in k}
     parts = " ".join(f"{k}={1000 * v:.0f}ms" for k, v in main.items())
     return f"{path.name}: total={1000 * sum(main.values()):.0f}ms {parts}"
+
+
+def output_stems(images: list[Path]) -> list[str]:
+    """A distinct output name per input image: its file stem where no other image has that stem, else the
+    parent folder's name and the stem (a/x.jpg, b/x.jpg -> a_x, b_x), else a running number (x_1, x_2)."""
+    stems = Counter(p.stem for p in images)
+    names = [p.stem if stems[p.stem] == 1 else f"{p.absolute().parent.name}_{p.stem}" for p in images]
+    repeats = Counter(names)
+    taken = {n for n in names if repeats[n] == 1}
+    out = []
+    for name in names:
+        if repeats[name] > 1:  # same folder name and stem, or one file given twice
+            k = 1
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+        taken.add(name)
+        out.append(name)
+    return out
 
 
 def _mask_paths(args: argparse.Namespace) -> list[Path | None] | str:

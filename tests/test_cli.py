@@ -105,7 +105,111 @@ def test_sam_masks_end_to_end(files):
     assert "masks" in json.dumps(info)
 
 
-def test_help_teaches():
+def save_image(path, h, w, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def save_regions(path, h, w):
+    lm = np.zeros((h, w), np.uint8)
+    lm[: h // 2, : w // 2] = 1
+    lm[h // 3:, w // 3:] = 2
+    Image.fromarray(lm).save(path)
+    return path
+
+
+def test_any_failure_is_reported_and_same_stems_stay_apart(tmp_path, capsys, monkeypatch):
+    """An unexpected exception in one image (not a decode error) is reported with the file and the batch goes
+    on; two images named x.png in different folders get two sets of outputs, not one overwritten."""
+    from corrclip.api import Segmenter
+
+    images = [save_image(tmp_path / "a" / "x.png", 60, 80, 1), save_image(tmp_path / "b" / "x.png", 60, 80, 2),
+              save_image(tmp_path / "c" / "z.png", 50, 70, 3)]
+    regions = [save_regions(tmp_path / f"r{i}.png", *((50, 70) if i == 2 else (60, 80))) for i in range(3)]
+    run = Segmenter.run
+
+    def failing_run(self, images, *args, **kw):
+        if images[0].shape[:2] == (50, 70):
+            raise RuntimeError("simulated failure inside the pipeline")
+        return run(self, images, *args, **kw)
+
+    monkeypatch.setattr(Segmenter, "run", failing_run)
+    out = tmp_path / "out"
+    rc = main(["segment", *map(str, images), "--classes", "a, b, c", "--masks", *map(str, regions),
+               "--backbone", "tiny", "--out", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"{images[2]}: RuntimeError: simulated failure inside the pipeline" in err
+    assert "1 of 3 image(s) failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_x.json", "a_x_labels.png", "a_x_overlay.png",
+                                                      "b_x.json", "b_x_labels.png", "b_x_overlay.png"]
+    for folder in ("a", "b"):
+        assert json.loads((out / f"{folder}_x.json").read_text())["file"] == str(tmp_path / folder / "x.png")
+
+
+def test_output_stems():
+    from pathlib import Path
+
+    from corrclip.cli import output_stems
+
+    assert output_stems([Path("a/x.png"), Path("b/x.jpg"), Path("c/y.png")]) == ["a_x", "b_x", "y"]
+    # the same file twice, and a name the running number must step over
+    assert output_stems([Path("a/x.png"), Path("a/x.png"), Path("a_x_1.png")]) == ["a_x_2", "a_x_3", "a_x_1"]
+
+
+def test_image_without_region_masks_is_reported(files, capsys):
+    tmp, good, masks, _ = files
+    other = save_image(tmp / "other.png", 40, 50, 4)
+    folder = tmp / "maskdir"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(masks.read_bytes())  # none for other.png
+    rc = main(["segment", str(good), str(other), "--classes", "a, b", "--masks", str(folder), "--backbone", "tiny",
+               "--sam", "none", "--out", str(tmp / "out")])
+    assert rc == 1 and (tmp / "out" / "good_labels.png").is_file() and not (tmp / "out" / "other.json").exists()
+    assert f"{other}: no region masks; pass --masks or drop --sam none" in capsys.readouterr().err
+
+
+def test_wrong_number_of_masks(files, capsys):
+    tmp, good, masks, _ = files
+    rc = main(["segment", str(good), "--classes", "a, b", "--masks", str(masks), str(masks), "--backbone", "tiny",
+               "--out", str(tmp / "out")])
+    assert rc == 2 and "got 2 --masks for 1 images: give one per image, or a folder" in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+
+def test_class_file(files, capsys, monkeypatch):
+    """--classes @FILE reads the research code's file syntax: one class per line, '; ' between synonyms,
+    commas part of a name."""
+    from corrclip.api import Segmenter
+
+    tmp, good, masks, _ = files
+    (tmp / "classes.txt").write_text("sky; cloud\npeople, person\nroad\n")
+    seen = []
+    run = Segmenter.run
+
+    def spy(self, images, vocab, *args, **kw):
+        seen.append(vocab.classes)
+        return run(self, images, vocab, *args, **kw)
+
+    monkeypatch.setattr(Segmenter, "run", spy)
+    rc = main(["segment", str(good), "--classes", f"@{tmp / 'classes.txt'}", "--masks", str(masks), "--backbone",
+               "tiny", "--out", str(tmp / "out")])
+    assert rc == 0 and seen == [(("sky", "cloud"), ("people, person",), ("road",))]
+    assert {c["name"] for c in json.loads((tmp / "out" / "good.json").read_text())["classes"]} <= {
+        "sky", "people, person", "road"}
+    rc = main(["segment", str(good), "--classes", f"@{tmp / 'nope.txt'}", "--backbone", "tiny",
+               "--out", str(tmp / "out")])
+    assert rc == 2 and "nope.txt: class file not found" in capsys.readouterr().err
+
+
+def test_help_teaches(capsys):
     with pytest.raises(SystemExit) as e:
         main(["segment", "--help"])
     assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--classes", "--preset", "--masks", "--out", "--prob-thd", "--method", "--backbone", "--weights",
+                 "--sam", "--points-per-side", "--engine", "--backend", "--device"):
+        assert flag in text, flag
+    assert "examples:" in text and "corrclip segment photo.jpg --classes" in text
+    assert "NAME_labels.png" in text  # what it writes

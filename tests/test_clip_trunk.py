@@ -6,6 +6,7 @@ prepended to the sequence, one joint bool attention mask through nn.MultiheadAtt
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,38 @@ def clip():
     return model
 
 
+def keys_cubic(x, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: what torch and OpenCV use)."""
+    x = abs(x)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+def literal_resize_axis(grid, axis, scale):
+    """Bicubic resize of one axis by `scale` (half-pixel centres, no corner alignment, edge samples
+    repeated), sample by sample in float64: output i reads source (i + 0.5) / scale - 0.5."""
+    n = grid.shape[axis]
+    out = []
+    for i in range(math.floor(n * scale)):
+        src = (i + 0.5) / scale - 0.5
+        base = math.floor(src)
+        out.append(sum(keys_cubic(src - (base + k)) * np.take(grid, min(max(base + k, 0), n - 1), axis=axis)
+                       for k in (-1, 0, 1, 2)))
+    return np.stack(out, axis=axis)
+
+
 def literal_pos_embed(pos, gh, gw):
+    """The research code's rule: bicubic with scale factor (g + 0.1) / g0 per axis, the native grid as is."""
     g0 = int(math.sqrt(pos.shape[0] - 1))
-    if (gh, gw) == (g0, g0):  # DINO-style rule: the native grid is used as is
+    if (gh, gw) == (g0, g0):
         return pos
-    grid = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], out.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+    grid = pos[1:].detach().double().numpy().reshape(g0, g0, -1)
+    grid = literal_resize_axis(literal_resize_axis(grid, 0, (gh + 0.1) / g0), 1, (gw + 0.1) / g0)
+    assert grid.shape[:2] == (gh, gw)
+    return torch.cat([pos[:1], torch.from_numpy(grid).float().reshape(gh * gw, -1)])
 
 
 def literal_trunk(visual, window, region_of_patch, num_regions):

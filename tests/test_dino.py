@@ -257,9 +257,18 @@ def test_official_without_network(tmp_path, monkeypatch, name: str, file: str) -
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    from corrclip.models import checkpoints
+
+    # The host answers but the download fails: the official URL was tried once.
+    monkeypatch.setattr(checkpoints, "reachable", lambda host, timeout=3.0: True)
     with pytest.raises(WeightsError, match="--dino-weights"):
         build_dino(name, "official")
     assert urls == [f"https://dl.fbaipublicfiles.com/dino/{file[:-4]}/{file}"]
+    # The host does not answer: one line at once, no download attempt.
+    monkeypatch.setattr(checkpoints, "reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(WeightsError, match="dl.fbaipublicfiles.com cannot be reached.*--dino-weights"):
+        build_dino(name, "official")
+    assert len(urls) == 1
 
 
 def _check_architecture(vit: VisionTransformer, dim: int, depth: int, heads: int) -> None:

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,19 +65,195 @@ def test_refuses_corrupted_or_foreign_bundles(bundle, tmp_path):
         load_bundle(tmp_path)
 
 
-def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    def boom(graph, *a, **k):
-        raise export_cli.ParityError(f"graph {graph.name} differs (simulated)")
+def _set(path: str, value):
+    """An edit of the manifest at a dotted path (value DELETE removes the key)."""
+    def edit(mf):
+        *parents, last = path.split(".")
+        for key in parents:
+            mf = mf[int(key)] if isinstance(mf, list) else mf[key]
+        if value is DELETE:
+            del mf[last]
+        else:
+            mf[last] = value
+    return edit
 
-    monkeypatch.setattr(export_cli, "check_parity", boom)
+
+DELETE = object()
+MANIFEST_DEFECTS = {  # defect -> (edit, what the one-line error must say)
+    "no graphs": (_set("graphs", DELETE), "the manifest has no 'graphs'"),
+    "empty graphs": (_set("graphs", {}), "lists no graphs"),
+    "graph not an object": (_set("graphs.dino", "dino.onnx"), "graphs.dino is a string, expected an object"),
+    "files not a list": (_set("graphs.dino.files", "dino.onnx"), "graphs.dino.files is a string, expected a list"),
+    "no files": (_set("graphs.dino.files", []), "graphs.dino lists no files"),
+    "file without hash": (_set("graphs.dino.files.0.sha256", {}), "graphs.dino.files[0] has no sha256 for dino.onnx"),
+    "shape not a list": (_set("graphs.corr_head.inputs.0.shape", "B,1764,64"),
+                         "graphs.corr_head.inputs[0].shape is a string, expected a list"),
+    "input without dtype": (_set("graphs.clip_text.inputs.0.dtype", DELETE),
+                            "graphs.clip_text.inputs[0] has no 'dtype'"),
+    "outputs not names": (_set("graphs.dino.outputs", [0]), "graphs.dino.outputs must be a list of names"),
+    "crop a string": (_set("window.crop", "336"), "window.crop is a string, expected an integer"),
+    "dynamic window without max": (_set("window.max", DELETE), "window has no 'max'"),
+    "no tokenizer": (_set("clip.tokenizer", DELETE), "clip has no 'tokenizer'"),
+    "sam without size": (_set("sam.img_size", DELETE), "sam has no 'img_size'"),
+    "method missing": (_set("method", DELETE), "the manifest has no 'method'"),
+}
+
+
+@pytest.mark.parametrize("defect", MANIFEST_DEFECTS)
+def test_manifest_structure_is_checked_on_load(bundle, tmp_path, defect):
+    """Each defect is refused at load time with one line naming the field (not a KeyError in the runtime)."""
+    edit, needle = MANIFEST_DEFECTS[defect]
+    mf = json.loads((bundle / "manifest.json").read_text())
+    edit(mf)
+    (tmp_path / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError) as e:
+        load_bundle(tmp_path)
+    msg = str(e.value)
+    assert needle in msg and "re-export" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text,needle", [('{"schema_version": 1, "graphs": {', "is not valid JSON"),
+                                         ("[1, 2]", "is not a JSON object")])
+def test_manifest_that_is_not_json_or_not_an_object(tmp_path, text, needle):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match=needle):
+        load_bundle(tmp_path)
+
+
+def test_missing_graph_file(bundle, tmp_path):
+    shutil.copy(bundle / "manifest.json", tmp_path / "manifest.json")  # a valid manifest, no graph files
+    with pytest.raises(BundleError, match="file dino.onnx of graph dino is missing; re-export"):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("backend,file", [("onnxruntime", "dino.onnx"), ("aoti", "dino.cpu.pt2")])
+def test_graph_file_that_cannot_be_loaded(bundle, tmp_path, backend, file):
+    """A file whose hash matches the manifest but that the runtime cannot load (truncated when exported,
+    another format version): one line naming the graph and the backend."""
+    from corrclip.models.checkpoints import sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / file).write_bytes(b"not a graph")
+    mf = json.loads((copy / "manifest.json").read_text())
+    for entry in mf["graphs"]["dino"]["files"]:
+        if entry["file"] == file:
+            entry["sha256"][file] = sha256(copy / file)
+    (copy / "manifest.json").write_text(json.dumps(mf))
+    loaded = load_bundle(copy)  # the hashes agree: loading succeeds, running cannot
+    with pytest.raises(BundleError, match="could not load graph dino|cannot load dino.onnx") as e:
+        make_executor(loaded, "dino", backend, "cpu")
+    assert "re-export" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_parity_check_rejects_a_changed_graph(tmp_path, monkeypatch, capsys):
+    """The real parity check, fed an ONNX file whose largest weight no longer equals the torch module's: the
+    export fails naming the graph, publishes nothing, and an existing folder at --out survives --overwrite."""
+    import onnx
+    from onnx import numpy_helper
+
+    from corrclip.export import formats
+
+    write_onnx = formats.FORMATS["onnx"]
+
+    def write_then_perturb(graph, example, folder, **kw):
+        files = write_onnx(graph, example, folder, **kw)
+        model = onnx.load(str(folder / files[0]))
+        weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        w = numpy_helper.to_array(weight)
+        noise = np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype)
+        weight.CopyFrom(numpy_helper.from_array(w + 1e-2 * w.std() * noise, weight.name))
+        onnx.save(model, str(folder / files[0]))
+        return files
+
+    monkeypatch.setitem(formats.FORMATS, "onnx", write_then_perturb)
     out = tmp_path / "b"
-    assert export_cli.main(["--backbone", "tiny", "--sam", "none", "--out", str(out)]) == 1
-    assert not out.exists() and not list(tmp_path.iterdir())
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous bundle")
+    assert export_cli.main(["--backbone", "tiny", "--sam", "none", "--overwrite", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "graph dino (onnx) differs from torch" in err and "above the tolerance 1e-04" in err
+    assert "nothing was written" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no .partial or .old folder left behind
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "the previous bundle"
+
+
+def test_check_parity_at_bf16_says_why_it_cannot(tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 kernels: one clear line instead of ONNX Runtime's exception."""
+    from corrclip.export.formats import write_onnx
+    from corrclip.export.graphs import Graph
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    graph = Graph("mlp", mlp.to(torch.bfloat16), ["x"], ["y"], {"x": {0: "B"}},
+                  lambda s, g: (torch.randn(s["B"], 8, generator=g),), ({"B": 3}, {"B": 1}))
+    example = (torch.randn(3, 8, dtype=torch.bfloat16),)
+    written = write_onnx(graph, example, tmp_path)
+    files = [{"format": "onnx", "file": written[0], "written": written}]
+    with pytest.raises(export_cli.ParityError, match="onnxruntime cannot run graph mlp at bf16 .*another --precision"):
+        export_cli.check_parity(graph, tmp_path, files, torch.bfloat16, "cpu")
+
+
+def test_fp16_export_of_one_graph(tmp_path, monkeypatch):
+    """--precision fp16 on the tiny text tower: an fp16 ONNX graph, parity-checked at the fp16 tolerance
+    (ONNX Runtime's CPU provider used to crash the process on it), and the manifest says fp16."""
+    import onnx
+
+    from corrclip.export.graphs import text_graph
+
+    monkeypatch.setattr(export_cli, "method_graphs", lambda method, models, crop: [text_graph(models)])
+    out = tmp_path / "b"
+    assert export_cli.main(["--method", "sc-clip", "--backbone", "tiny", "--precision", "fp16", "--out", str(out)]) == 0
+    mf = load_bundle(out).manifest
+    graph = mf["graphs"]["clip_text"]
+    assert mf["exported_on"]["precision"] == graph["precision"] == "fp16"
+    checks = [v for v in graph["parity"].values() if isinstance(v, dict)]
+    assert graph["parity"]["tolerance"] == 2e-2 and len(checks) == 2
+    assert all(0 < v["max_rel"] <= 2e-2 for v in checks)  # fp16 rounding shows, within tolerance
+    model = onnx.load(str(out / "clip_text.onnx"), load_external_data=False)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 def test_existing_bundle_is_not_overwritten_silently(bundle, capsys):
+    before = (bundle / "manifest.json").read_bytes()
     assert export_cli.main(["--backbone", "tiny", "--out", str(bundle)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_overwrite_replaces_an_existing_bundle(bundle, tmp_path, monkeypatch):
+    """--overwrite: the new bundle takes the old one's place in one rename; nothing of the old one remains."""
+
+    def export_copy(models, args, formats, writer):  # stands in for the graph export: the fixture's files
+        for f in bundle.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy(f, writer.tmp / f.name)
+        return json.loads((bundle / "manifest.json").read_text())
+
+    monkeypatch.setattr(export_cli, "export", export_copy)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert export_cli.main(["--backbone", "tiny", "--sam", "none", "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "old.txt").exists() and set(load_bundle(out).graphs) == set(load_bundle(bundle).graphs)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--format", "onnx,trt"], "unknown --format trt; choose from onnx, aoti"),
+    (["--format", "tensorrt"], "TensorRT engines are built from the ONNX graphs at first load"),
+    (["--crop", "300"], "--crop must be a positive multiple of 56"),
+    (["--crop", "0"], "--crop must be a positive multiple of 56"),
+    (["--method", "sc-clip", "--crop", "-224"], "--crop must be a positive multiple of 56"),
+    (["--precision", "fp8"], "invalid choice"),
+])
+def test_bad_export_flags(tmp_path, capsys, flags, needle):
+    out = tmp_path / "b"
+    try:
+        rc = export_cli.main(["--backbone", "tiny", *flags, "--out", str(out)])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    assert rc == 2 and needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino extra absent")
@@ -176,6 +353,14 @@ def test_cpp_host_runs_aoti_package(bundle, tmp_path):
     (py,) = make_executor(load_bundle(bundle), "dino", "aoti")(windows)
     assert cpp.shape == py.shape == (2, 42 * 42, 64)
     torch.testing.assert_close(cpp, py, atol=1e-6, rtol=1e-6)
+    # ... and the package computes what the torch module it was exported from computes.
+    from corrclip.export.graphs import method_graphs
+    from corrclip.models.build import build_models
+
+    dino = {g.name: g for g in method_graphs("corrclip", build_models("tiny", sam="none"), 336)}["dino"].module
+    with torch.no_grad():
+        ref = dino(windows)
+    torch.testing.assert_close(cpp, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_tensor_file_round_trip(tmp_path):
@@ -203,6 +388,124 @@ def test_segment_cli_with_engine(bundle, tmp_path, capsys):
     assert main(["segment", str(img), "--classes", "a", "--engine", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 
+class FakeTensorRT:
+    """Stands in for the `tensorrt` module: records what the executor asks the builder for."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class BuilderFlag:
+        FP16, BF16 = "FP16", "BF16"
+
+    float32, float16, bfloat16, int64, int32, bool = "f32", "f16", "bf16", "i64", "i32", "b"
+    __version__ = "10.0.fake"
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        fake = self
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
+
+        class Config:
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("add_optimization_profile",))
+
+        class Builder:
+            def __init__(self, logger):
+                fake.calls.append(("Builder",))
+
+            def create_network(self, flags):
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build_serialized_network",))
+                return b"plan bytes"
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse_from_file", Path(path).name))
+                return True
+
+        class Engine:
+            def create_execution_context(self):
+                return "context"
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, plan):
+                fake.calls.append(("deserialize_cuda_engine", plan))
+                return Engine()
+
+        self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
+
+
+def test_tensorrt_engine_build_from_manifest(bundle, tmp_path, monkeypatch):
+    """With a fake `tensorrt` (it cannot be installed here): the executor parses the bundle's ONNX file, builds
+    one optimization profile from the manifest (min 1 / opt AXIS_OPT / max AXIS_MAX on each dynamic axis, window
+    axes from a 56 x 56 window to the crop, the static sizes as exported), caches the plan per GPU and TensorRT
+    version, and reloads it without a build."""
+    import sys
+
+    from corrclip.engine.backends.tensorrt import TensorRTExecutor
+
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setenv("CORRCLIP_CACHE", str(tmp_path))
+    loaded = load_bundle(bundle)
+    run = TensorRTExecutor(loaded, "corr_head", torch.device("cuda"))
+    assert run.inputs == ["feats", "region_ids", "values", "mct", "mct_index", "text"] and run.outputs == ["logits"]
+    assert fake.calls[:2] == [("Builder",), ("parse_from_file", "corr_head.onnx")]
+    shapes = [c[1:] for c in fake.calls if c[0] == "set_shape"]
+    # tiny backbone at crop 336: DINO grid 42 (dim 64), CLIP grid 21 (width 64), text embeddings of 32; the
+    # window axes run from a 56 x 56 window (DINO grid 7, CLIP grid 3) to the crop.
+    assert shapes == [
+        ("feats", [1, 49, 64], [2, 1764, 64], [64, 1764, 64]),
+        ("region_ids", [1, 7, 7], [2, 42, 42], [64, 42, 42]),
+        ("values", [1, 2, 64, 3, 3], [2, 2, 64, 21, 21], [64, 2, 64, 21, 21]),
+        ("mct", [1, 1, 64], [2, 64, 64], [64, 1024, 64]),
+        ("mct_index", [1, 7, 7], [2, 42, 42], [64, 42, 42]),
+        ("text", [1, 32], [256, 32], [4096, 32]),
+    ]
+    assert ("set_flag", "FP16") not in fake.calls and fake.calls[-2:] == [
+        ("build_serialized_network",), ("deserialize_cuda_engine", b"plan bytes")]
+    (plan,) = (tmp_path / "tensorrt").iterdir()
+    assert plan.name.startswith("corr_head.Fake_GPU.trt10.0.fake.") and plan.read_bytes() == b"plan bytes"
+    fake.calls.clear()
+    TensorRTExecutor(loaded, "corr_head", torch.device("cuda"))
+    assert fake.calls == [("deserialize_cuda_engine", b"plan bytes")]  # from the cache: no second build
+    # An fp16 graph asks for fp16 kernels; float64 inputs (SAM's points) and the CPU are refused in one line.
+    loaded.graphs["clip_text"]["precision"] = "fp16"
+    TensorRTExecutor(loaded, "clip_text", torch.device("cuda"))
+    assert ("set_flag", "FP16") in fake.calls
+    assert [c[1:] for c in fake.calls if c[0] == "set_shape"] == [("tokens", [1, 1], [256, 20], [4096, 77])]
+    with pytest.raises(BundleError, match="float64 inputs"):
+        TensorRTExecutor(loaded, "sam_decoder", torch.device("cuda"))
+    with pytest.raises(BundleError, match="needs a CUDA device"):
+        TensorRTExecutor(loaded, "dino", torch.device("cpu"))
+
+
 def test_tensorrt_backend_is_explained_when_absent(bundle):
     pytest.importorskip("torch")
     try:
@@ -223,7 +526,12 @@ def test_bench_runs_on_bundle_backends(bundle, backend, tmp_path):
                "--points-per-side", "4", "--runs", "2", "--warmup", "0", "--device", "cpu", "--json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())
-    assert r["backend"] == backend and r["stages_ms"]["corr_head"]["p50"] > 0 and r["flops_source"] is None
+    assert r["backend"] == backend and r["engine"] == str(bundle) and r["flops_source"] is None
+    assert set(r["stages_ms"]) == {"masks", "masks.preprocess", "masks.sam_encoder", "masks.prompt_decoding",
+                                   "masks.mask_postprocess", "preprocess", "text", "dino", "regions", "clip_trunk",
+                                   "corr_head", "stitch_vote"}
+    assert all(0 < v["p50"] <= v["p99"] and "gflop" not in v for v in r["stages_ms"].values())  # no FLOPs: not torch
+    assert r["images_per_s"] == pytest.approx(1000 / r["total_ms"]["p50"], rel=1e-9)
 
 
 def test_tensorrt_profiles_are_consistent(bundle):

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -19,16 +20,31 @@ def test_harness_writes_report(tmp_path):
     assert rc == 0
     report = json.loads((tmp_path / "t.json").read_text())
     (config,) = report["results"]
-    assert config["workload"] == "tiny" and config["points_per_side"] == 4
+    assert config["workload"] == "tiny" and config["points_per_side"] == 4 and config["image_hw"] == [96, 128]
+    assert config["windows_per_image"] == 2  # 96x128 -> 336x448: two 336 windows at stride 112
     assert {"research", "torch"} <= set(config["paths"])
+    research = config["paths"]["research"]["total_ms"]["p50"]
+    table = (tmp_path / "t.md").read_text()
     for name in ("research", "torch"):
         path = config["paths"][name]
         assert "error" not in path, path
-        for stage in ("masks", "preprocess", "dino", "regions", "clip_trunk", "corr_head", "stitch_vote"):
-            assert path["stages_ms"][stage]["p50"] >= 0
-        assert path["total_ms"]["p50"] > 0 and path["speedup_vs_research"] > 0
+        stages = path["stages_ms"]
+        assert set(stages) == set(harness.BAR_STAGES)  # every stage, and "other" for the rest of the wall time
+        assert all(v["p50"] >= 0 for v in stages.values()) and stages["corr_head"]["p50"] > 0
+        # One run: the total is that run's wall time, the stages and "other" add up to it (2-decimal rounding).
+        total = path["total_ms"]["p50"]
+        assert path["runs_ms"] == [total] and total > 0
+        assert sum(v["p50"] for v in stages.values()) == pytest.approx(total, abs=0.05)
+        assert path["images_per_s"] == pytest.approx(1000 / total, rel=1e-3, abs=1e-4)  # rounded to 4 decimals
+        assert path["speedup_vs_research"] == pytest.approx(research / total, abs=1e-3)
         assert path["agreement_vs_research"] > 0.99  # same models, same masks
-    assert "| research |" in (tmp_path / "t.md").read_text()
+        assert f"| tiny 128x96 | SAM 4x4 | {name} | {total:.0f} |" in table
+    assert config["paths"]["research"]["speedup_vs_research"] == 1.0
+    assert config["paths"]["research"]["agreement_vs_research"] == 1.0
     with Image.open(tmp_path / "t.png") as img:
         img.load()
-        assert img.size[0] > 500 and img.size[1] > 100
+        pixels = {colour: n for n, colour in img.convert("RGB").getcolors(1 << 20)}
+    assert img.size[0] > 500 and img.size[1] > 100
+    # The bars are drawn: the largest stage's colour covers far more than its 15x15 legend swatch.
+    biggest = max(harness.BAR_STAGES, key=lambda k: config["paths"]["torch"]["stages_ms"][k]["p50"])
+    assert pixels.get(harness.COLOURS[harness.BAR_STAGES.index(biggest)], 0) > 1000

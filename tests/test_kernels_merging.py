@@ -40,7 +40,8 @@ def float64_graph(feats: torch.Tensor, local: torch.Tensor, r: int, eps: float):
     counts = torch.zeros(b, r, dtype=torch.float64).scatter_add_(1, local, torch.ones(b, n, dtype=torch.float64))
     means = sums / counts.clamp(min=1)[:, :, None]
     unit = F.normalize(means, dim=-1)
-    valid = merging._valid(counts)
+    valid = counts > 0  # regions present in the window ...
+    valid[:, 0] = False  # ... except the smallest id, which plays "unsegmented"
     pair = valid[:, :, None] & valid[:, None, :]
     a = unit @ unit.transpose(1, 2)
     a_max = a.masked_fill(~pair, float("-inf")).amax(dim=(1, 2), keepdim=True)

@@ -1,35 +1,17 @@
-"""Region merging (spec step 8) against a literal DBSCAN (min_samples 1, precomputed distances)."""
+"""Region merging (spec step 8) against the research code's own call: scikit-learn's DBSCAN (eps 0.2,
+min_samples 1, metric precomputed) on max(A) - A of the region means, the window's smallest id left out."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import DBSCAN
 
 from corrclip.kernels.merging import merge_regions
 from corrclip.runtime.regions import compact_per_window
 
 
-def literal_dbscan(dist, eps):
-    """DBSCAN with min_samples=1 on a precomputed matrix, numbering like scikit-learn."""
-    n = len(dist)
-    labels = [-1] * n
-    cluster = 0
-    for i in range(n):
-        if labels[i] != -1:
-            continue
-        labels[i] = cluster
-        stack = [i]
-        while stack:
-            p = stack.pop()
-            for q in range(n):
-                if labels[q] == -1 and dist[p][q] <= eps:
-                    labels[q] = cluster
-                    stack.append(q)
-        cluster += 1
-    return labels
-
-
-def literal_merge(feats, window_ids, eps=0.2):
-    """feats [N,C], window_ids [N] raw ids -> merged ids (-1 for the smallest id)."""
+def reference_merge(feats, window_ids, eps=0.2):
+    """feats [N,C], window_ids [N] raw ids -> merged ids (-1 for the smallest id), one window at a time."""
     values = sorted(set(window_ids.tolist()))
     means = []
     for v in values:
@@ -40,15 +22,15 @@ def literal_merge(feats, window_ids, eps=0.2):
     if not rest:
         return out
     a = torch.stack(means[1:]) @ torch.stack(means[1:]).T
-    dist = (a.max() - a).tolist()
-    labels = literal_dbscan(dist, eps)
+    dist = (a.max() - a).numpy()
+    labels = DBSCAN(eps=eps, min_samples=1, metric="precomputed").fit(dist).labels_.tolist()
     for v, lab in zip(rest, labels):
         out[window_ids == v] = lab
     return out
 
 
 @pytest.mark.parametrize("num_ids", [1, 2, 3, 12, 40])
-def test_merge_matches_literal_dbscan(num_ids):
+def test_merge_matches_sklearn_dbscan(num_ids):
     g = torch.Generator().manual_seed(num_ids)
     b, n, c = 3, 64, 6
     # Clustered features so that some regions merge and others do not.
@@ -60,7 +42,7 @@ def test_merge_matches_literal_dbscan(num_ids):
     merged = merge_regions(feats, local, r, 0.2)
     merged_any = False
     for w in range(b):
-        ref = literal_merge(feats[w], raw[w])
+        ref = reference_merge(feats[w], raw[w])
         assert merged[w].tolist() == ref.tolist()
         merged_any |= len(set(ref.tolist())) < len(set(raw[w].tolist()))
     if num_ids >= 12:

@@ -33,11 +33,39 @@ def test_resize_is_uint8_opencv_linear():
     assert np.array_equal(out, cv2.resize(img, (448, 336), interpolation=cv2.INTER_LINEAR))
 
 
+# mmseg's CLIP configs, which the research code runs: OpenAI's CLIP constants x 255, rounded to 3 decimals.
+MMSEG_MEAN, MMSEG_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
+
+
 def test_normalize_constants():
     img = np.full((2, 2, 3), 200, np.uint8)
     x = normalize(img)
     for c in range(3):
-        assert x[c, 0, 0].item() == pytest.approx((200 - PIXEL_MEAN[c]) / PIXEL_STD[c], rel=1e-6)
+        assert x[c, 0, 0].item() == pytest.approx((200 - MMSEG_MEAN[c]) / MMSEG_STD[c], rel=1e-6)
+
+
+def test_constants_of_each_model_family():
+    import open_clip
+
+    from corrclip.models import dino
+    from corrclip.models.sam import build_sam
+    from corrclip.presets import BACKBONES, OPENAI_ARCH
+
+    assert PIXEL_MEAN == MMSEG_MEAN and PIXEL_STD == MMSEG_STD
+    # CLIP: every pretrained CLIP a backbone loads was trained with OpenAI's constants (open_clip's own configs).
+    pretrained = [(b.clip_arch, b.clip_weights) for b in BACKBONES.values() if b.clip_arch != "tiny"]
+    for arch, tag in pretrained + [(arch, "openai") for arch in OPENAI_ARCH.values()]:
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        assert tuple(round(255 * v, 3) for v in cfg["mean"]) == MMSEG_MEAN, (arch, tag)
+        assert tuple(round(255 * v, 3) for v in cfg["std"]) == MMSEG_STD, (arch, tag)
+    # DINO: the windows' CLIP normalization is undone and ImageNet's applied.
+    assert dino.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert dino.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert dino.IMAGENET_MEAN == (0.485, 0.456, 0.406) and dino.IMAGENET_STD == (0.229, 0.224, 0.225)
+    # SAM: segment_anything's pixel constants (0..255 scale).
+    sam = build_sam("tiny", "random")
+    assert sam.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53], abs=1e-5)
+    assert sam.pixel_std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375], abs=1e-5)
 
 
 @pytest.mark.parametrize("src,dst", [((336, 336), (42, 42)), ((42, 42), (21, 21)), ((21, 21), (42, 42)),

@@ -81,11 +81,13 @@ def test_window_logits_match_engine(paths):
     img, lm = blobs(200, 120, 3), boxes(200, 120, 6, 4)
     item = ours.pipeline._prepare(img, lm, s, StageTimer())
     text = ours.pipeline.text(vocab)
+    own_text = research.text(vocab)  # its own path: open_clip's encode_text, 77 tokens, one class at a time
+    torch.testing.assert_close(own_text, text, atol=2e-6, rtol=1e-5)
     with torch.inference_mode():
         expected, _ = ours.pipeline.method.encode(torch.stack(item.crops), torch.stack(item.mask_crops), text, s,
                                                   StageTimer())
         for crop, mask, want in zip(item.crops, item.mask_crops, expected):
-            got = research._window(crop[None], mask, text, s, StageTimer())
+            got = research._window(crop[None], mask, own_text, s, StageTimer())
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

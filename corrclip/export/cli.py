@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     method = methods.get(args.method)
     if args.crop is None:
         args.crop = method.defaults.crop
-    if args.crop % 56:
-        print(f"error: --crop must be a multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
+    if args.crop <= 0 or args.crop % 56:
+        print(f"error: --crop must be a positive multiple of 56 (DINO's 8 and CLIP's 14/16 patches); got {args.crop}",
               file=sys.stderr)
         return 2
     try:
@@ -136,7 +136,8 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
     (engine/backends: checks_export); raises ParityError past tolerance."""
     from ..engine import backends
 
-    tol = TOLERANCE[{torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]]
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    tol = TOLERANCE[precision]
     report = {"tolerance": tol}
     runners = {}
     for f in files:
@@ -145,8 +146,13 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
         if checker is None:
             raise ParityError(f"no backend verifies {fmt} files (engine/backends: checks_export)")
         run_on = torch.device(device if checker.per_device_files else "cpu")
-        partial = Bundle(folder, {"graphs": {graph.name: {"files": [f], "inputs": []}}})
-        runners[fmt] = (checker.make(partial, graph.name, run_on), run_on)
+        partial = Bundle(folder, {"graphs": {graph.name: {"files": [f], "inputs": [], "precision": precision}}})
+        try:
+            runners[fmt] = (checker.make(partial, graph.name, run_on), run_on)
+        except BundleError as e:  # e.g. ONNX Runtime's CPU provider has no bf16 kernels
+            reason = (str(e.__cause__ or e).strip().splitlines() or [""])[0][:200]
+            raise ParityError(f"{checker.name} cannot run graph {graph.name} at {precision} ({reason}), so its "
+                              "parity cannot be checked; export with another --precision") from e
     for i, sizes in enumerate(graph.sizes):
         inputs = _cast(graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i)), dtype)
         with torch.no_grad():

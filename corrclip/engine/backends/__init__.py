@@ -77,7 +77,14 @@ def make_executor(bundle: Bundle, name: str, backend: str = "onnxruntime", devic
     graph = bundle.graphs.get(name, {})
     if not b.float64 and any(i.get("dtype") == "float64" for i in graph.get("inputs", [])):
         b = get(b.float64_fallback)
-    return b.make(bundle, name, device, precision)
+    try:
+        return b.make(bundle, name, device, precision)
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each runtime raises its own types for a file it cannot load
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise BundleError(f"{bundle.path}: {b.name} could not load graph {name} ({type(e).__name__}: {reason}); "
+                          "re-export the bundle with this corrclip and torch") from e
 
 
 for _module in ("onnxruntime", "aoti", "openvino", "tensorrt"):  # each registers itself

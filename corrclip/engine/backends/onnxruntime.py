@@ -17,7 +17,8 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.f
 
 
 class OrtExecutor:
-    def __init__(self, path: Path, device: torch.device, providers: Sequence[str] | None = None):
+    def __init__(self, path: Path, device: torch.device, providers: Sequence[str] | None = None,
+                 precision: str = "fp32"):
         import onnxruntime as ort
 
         self.device = device
@@ -33,6 +34,10 @@ class OrtExecutor:
                               "install onnxruntime-gpu for CUDA/TensorRT providers")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if precision == "fp16":
+            # The CPU provider's layout optimizations crash the process (SIGSEGV) on fp16 transformer graphs
+            # (onnxruntime 1.32, cf. microsoft/onnxruntime#15494); the level below them is safe.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable graphs
@@ -62,7 +67,9 @@ class OrtExecutor:
 
 
 def make(bundle: Bundle, name: str, device: torch.device, precision: str = "fp32") -> OrtExecutor:
-    return OrtExecutor(bundle.graph_file(name, "onnx"), device)
+    # The graph runs at the precision it was exported in (ONNX Runtime cannot change it at load time).
+    exported = bundle.graphs[name].get("precision", "fp32")
+    return OrtExecutor(bundle.graph_file(name, "onnx"), device, precision=exported)
 
 
 BACKEND = register(Backend(
