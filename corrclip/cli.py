@@ -53,7 +53,8 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # Subcommand modules: each has add_parser(subparsers), which sets `run` (args -> exit code) as a default.
-COMMANDS = ("corrclip.cli", "corrclip.bench", "corrclip.evaluation.run", "corrclip.label")
+COMMANDS = ("corrclip.cli", "corrclip.bench", "corrclip.evaluation.run", "corrclip.label", "corrclip.serve.server",
+            "corrclip.serve.request")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,5 +13,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch comes from the package registry (its CUDA build also runs on the CPU; the CPU-only wheel
 # has no matching torchvision, which open_clip and segment_anything import).
-.venv/bin/python -m pip install -q -e ".[dev,openvino,ray]"
+# serve: PyTriton (Triton Inference Server), which pins numpy<2 and with it OpenCV 4.11 (pyproject.toml).
+.venv/bin/python -m pip install -q -e ".[dev,openvino,ray,serve]"
 echo "$want" > "$stamp"

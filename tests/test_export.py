@@ -564,3 +564,123 @@ def test_openvino_precision_is_applied(bundle):
     (bf16,) = make_executor(load_bundle(bundle), "dino", "openvino", "cpu", "bf16")(windows)
     err = float((bf16 - ort).abs().max() / ort.abs().max())
     assert 0 < err < 5e-2
+
+
+# ---- the Triton model repository (corrclip-export --triton-repo) ---------------------------------
+
+TRITON_TYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 11: "TYPE_FP64"}
+
+
+def _triton_config(path):
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())  # Triton's own schema, strict
+
+
+def test_triton_repository_matches_the_graphs(bundle, tmp_path):
+    import onnx
+
+    from corrclip.serve.protocol import INPUTS, OUTPUTS
+
+    repo = tmp_path / "repo"
+    assert export_cli.main(["--bundle", str(bundle), "--triton-repo", str(repo)]) == 0
+    assert export_cli.main(["--bundle", str(bundle), "--triton-repo", str(repo)]) == 2  # no silent overwrite
+    load_bundle(repo / "corrclip" / "1" / "bundle")  # the glue's manifest: every path and hash resolves
+    batched = {}
+    for name in load_bundle(bundle).graphs:
+        cfg = _triton_config(repo / f"corrclip_{name}" / "config.pbtxt")
+        graph = onnx.load(str(repo / f"corrclip_{name}" / "1" / "model.onnx"), load_external_data=False).graph
+        assert cfg.name == f"corrclip_{name}" and cfg.backend == "onnxruntime"
+        batched[name] = cfg.max_batch_size > 0
+        assert cfg.HasField("dynamic_batching") == batched[name]
+        for ours, theirs in ((cfg.input, graph.input), (cfg.output, graph.output)):
+            assert [t.name for t in ours] == [t.name for t in theirs]
+            for t, o in zip(ours, theirs):
+                dims = [d.dim_value or -1 for d in o.type.tensor_type.shape.dim]
+                assert list(t.dims) == (dims[1:] if batched[name] else dims), (name, t.name)
+                assert model_config_name(t.data_type) == TRITON_TYPES[o.type.tensor_type.elem_type]
+    assert batched == {"dino": True, "clip_trunk": True, "clip_text": True, "corr_head": False,
+                       "sam_encoder": False, "sam_decoder": False}
+    glue = _triton_config(repo / "corrclip" / "config.pbtxt")
+    assert glue.backend == "python" and glue.max_batch_size == 8
+    assert [t.name for t in glue.input] == [p.name for p in INPUTS]
+    assert [t.name for t in glue.output] == [p.name for p in OUTPUTS]
+    assert glue.dynamic_batching.default_queue_policy.max_queue_size == 32
+
+
+def model_config_name(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(value)
+
+
+# PyTriton's tritonserver has only the Python backend; this stand-in runs each graph model's
+# model.onnx with ONNX Runtime in Python, so the glue model and the repository's configs are
+# exercised end to end. The real onnxruntime backend is not run here.
+ORT_STAND_IN = '''from pathlib import Path
+
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def execute(self, requests):
+        replies = []
+        for request in requests:
+            feed = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            outs = self.session.run(self.outputs, feed)
+            replies.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in zip(self.outputs, outs)]))
+        return replies
+'''
+
+
+def test_triton_repository_serves_a_request(bundle, tmp_path, monkeypatch):
+    pytest.importorskip("pytriton")
+    import os
+    import socket
+    import sysconfig
+    from pathlib import Path
+
+    from pytriton.triton import Triton, TritonConfig
+
+    from corrclip.serve.client import Client
+    from corrclip.serve.server import use_this_libpython
+    from corrclip.serve.triton_repo import write_repository
+
+    repo = write_repository(bundle, tmp_path / "repo")
+    for cfg in repo.glob("corrclip_*/config.pbtxt"):
+        cfg.write_text(cfg.read_text().replace('backend: "onnxruntime"', 'backend: "python"'))
+        (cfg.parent / "1" / "model.py").write_text(ORT_STAND_IN)
+    use_this_libpython()
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, sysconfig.get_paths()["purelib"]]))  # for the stubs
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    image = tmp_path / "a.png"
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    from PIL import Image
+
+    Image.fromarray(rgb).save(image)
+    regions = (np.arange(64)[:, None] // 16 * 4 + np.arange(64)[None, :] // 16).astype(np.int64)
+    config = TritonConfig(model_repository=repo, http_address="127.0.0.1", http_port=ports[0],
+                          grpc_address="127.0.0.1", grpc_port=ports[1], metrics_address="127.0.0.1",
+                          metrics_port=ports[2], exit_timeout_secs=3, log_file=tmp_path / "triton.log")
+    with Triton(config=config) as triton:
+        triton.run()
+        with Client(f"127.0.0.1:{ports[0]}") as client:
+            assert client.ready()
+            served = client.segment(image, "cat, dog, grass", masks=regions)
+    local = Segmenter.from_bundle(repo / "corrclip" / "1" / "bundle", "onnxruntime", device="cpu",
+                                  text_cache=False).segment(str(image), "cat, dog, grass", masks=regions)[0]
+    assert served.names == ["cat", "dog", "grass"] and np.array_equal(served.labels, local.labels)
+    assert served.info["model"]["engine"] == "triton repository" and served.info["stage_seconds"]["corr_head"] > 0

@@ -3,6 +3,8 @@
     corrclip-export --backbone vit_b --out bundles/vit_b
     corrclip-export --backbone tiny --format onnx,aoti --out bundles/tiny
     corrclip-export --backbone vit_b --weights random --sam none --out bundles/vit_b_nosam
+    corrclip-export --backbone vit_b --out bundles/vit_b --triton-repo triton/vit_b   # + a Triton repository
+    corrclip-export --bundle bundles/vit_b --triton-repo triton/vit_b                  # from an existing bundle
 
 Every graph is exported, then run by ONNX Runtime (and the AOTInductor runner) on fresh random
 inputs at two shapes per dynamic axis and compared with torch; the errors go into the manifest,
@@ -51,12 +53,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=None,
                    help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--out", type=Path, help="bundle folder to create")
+    p.add_argument("--triton-repo", type=Path, help="also write a model repository for a stock tritonserver: the "
+                   "ONNX graphs as ONNX Runtime models + the `corrclip` glue model (Python backend)")
+    p.add_argument("--bundle", type=Path, help="with --triton-repo: write it from this existing bundle (no export)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.bundle is not None:
+        return _triton_repo(args.bundle, args) if args.triton_repo else _usage("--bundle needs --triton-repo DIR")
+    if args.out is None:
+        return _usage("give --out DIR (the bundle to create)")
     args.device = args.device or "cpu"  # the device to export and compile (AOTInductor) on
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -96,6 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     writer.commit(manifest)
     print_table(manifest)
     print(f"bundle written to {args.out}/")
+    return _triton_repo(args.out, args) if args.triton_repo else 0
+
+
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _triton_repo(bundle: Path, args: argparse.Namespace) -> int:
+    from ..serve.triton_repo import RepositoryError, write_repository
+
+    try:
+        write_repository(bundle, args.triton_repo, overwrite=args.overwrite)
+    except (RepositoryError, BundleError) as e:
+        return _usage(str(e))
+    print(f"Triton model repository written to {args.triton_repo}/ (serve: tritonserver --model-repository "
+          f"{args.triton_repo}; see README)")
     return 0
 
 

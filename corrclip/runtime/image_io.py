@@ -59,17 +59,18 @@ def _read_bytes(path: str | os.PathLike, what: str) -> bytes:
     return data
 
 
-def _check_size(name: str, width: int, height: int) -> None:
+def _check_size(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     if width <= 0 or height <= 0:
         raise ImageError(f"{name}: image has zero size ({width}x{height}); the file is damaged, re-export it")
-    if width * height > MAX_PIXELS:
+    if width * height > max_pixels:
         raise ImageError(
             f"{name}: image is {width}x{height} ({width * height / 1e6:.1f} megapixels), above the "
-            f"{MAX_PIXELS / 1e6:.0f} megapixel limit; resize it (e.g. to 4096 px on the long side) first"
+            f"{max_pixels / 1e6:g} megapixel limit; resize it (e.g. to 4096 px on the long side) first"
         )
 
 
-def _header_size(name: str, data: bytes) -> tuple[int, int] | None:
+def header_size(name: str, data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header without decoding pixels, or None if PIL does not know the format."""
     try:
         with warnings.catch_warnings():
@@ -100,16 +101,22 @@ def _is_truncated(data: bytes) -> bool:
     return False
 
 
+# OpenCV 5 moved the log level into cv2.utils.logging; 4.x (what the `serve` extra installs, for
+# numpy 1.x) has it at the top level. 4.11 and 5.0 decoded and resized bit-identically (README: Serving).
+_cv2_logging = getattr(cv2.utils, "logging", cv2)
+_get_log_level, _set_log_level = _cv2_logging.getLogLevel, _cv2_logging.setLogLevel
+
+
 def _decode_with_cv2(data: bytes) -> np.ndarray | None:
     # OpenCV logs its own failure to stderr; our ImageError says it better, so silence it meanwhile.
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    level = _get_log_level()
+    _set_log_level(0)  # LOG_LEVEL_SILENT
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         bgr = None
     finally:
-        cv2.utils.logging.setLogLevel(level)
+        _set_log_level(level)
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
         return None
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -138,8 +145,11 @@ def _decode_with_pil(name: str, data: bytes, known_format: bool) -> np.ndarray:
     raise ImageError(f"{name}: not a readable image (unknown or unsupported format); convert it to JPEG or PNG")
 
 
-def decode_image(src: str | os.PathLike | bytes) -> np.ndarray:
-    """Decode a file path or encoded bytes to uint8 HxWx3 RGB, like cv2.imread(IMREAD_COLOR) + BGR->RGB."""
+def decode_image(src: str | os.PathLike | bytes, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a file path or encoded bytes to uint8 HxWx3 RGB, like cv2.imread(IMREAD_COLOR) + BGR->RGB.
+
+    max_pixels: a lower limit than MAX_PIXELS (a server's), checked from the header before decoding.
+    """
     name = _describe(src)
     if isinstance(src, bytes | bytearray | memoryview):
         data = bytes(src)
@@ -147,9 +157,9 @@ def decode_image(src: str | os.PathLike | bytes) -> np.ndarray:
         data = _read_bytes(src, "an image file")
     if not data:
         raise ImageError(f"{name}: no data (0 bytes); pass the encoded image file contents")
-    size = _header_size(name, data)
+    size = header_size(name, data)
     if size is not None:
-        _check_size(name, *size)  # before decoding, so a huge file fails fast and without the memory
+        _check_size(name, *size, max_pixels)  # before decoding, so a huge file fails fast and without the memory
     if _is_truncated(data):
         raise ImageError(
             f"{name}: image data is truncated (the end-of-image marker is missing); re-download or re-export the file"
@@ -157,7 +167,7 @@ def decode_image(src: str | os.PathLike | bytes) -> np.ndarray:
     rgb = _decode_with_cv2(data)
     if rgb is None:
         rgb = _decode_with_pil(name, data, known_format=size is not None)
-    _check_size(name, rgb.shape[1], rgb.shape[0])
+    _check_size(name, rgb.shape[1], rgb.shape[0], max_pixels)
     return rgb
 
 
@@ -200,6 +210,21 @@ def _load_png_labels(name: str, data: bytes) -> np.ndarray:
         f"{name}: label map is a {mode} image; a single-channel label map is needed (mode L, I;16, I or P "
         "holding region ids), not colours"
     )
+
+
+def decode_label_map(data: bytes, image_hw: tuple[int, int], name: str = "<label map bytes>") -> np.ndarray:
+    """Region ids as int64 HxW from encoded single-channel PNG bytes (what a server receives).
+
+    The size is read from the header and compared with the image before any pixel is decoded, so a
+    wrong-size map or a decompression bomb is refused without the memory.
+    """
+    size = header_size(name, data)
+    if size is not None and (size[1], size[0]) != tuple(image_hw):
+        raise ImageError(
+            f"{name}: label map is {size[1]}x{size[0]} (HxW) but the image is {image_hw[0]}x{image_hw[1]}; the "
+            "map must be at the original image resolution"
+        )
+    return _as_label_array(name, np.asarray(_load_png_labels(name, data)), image_hw)
 
 
 def load_label_map(path: str | os.PathLike, image_hw: tuple[int, int]) -> np.ndarray:

@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,13 +71,16 @@ class TextEmbedder:
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, device: torch.device,
                  chunk: int = 1024, *, identity: str | None = None, cache: TextCache | None = None,
-                 variant: str = "fp32"):
+                 variant: str = "fp32", max_cached: int = 64):
         self.encode = encode  # token ids [P, L] -> embeddings [P, E]
         self.tokenizer = tokenizer
         self.device = device
         self.chunk = chunk
         self.identity, self.disk, self.variant = identity, cache, variant
-        self._cache: dict[str, torch.Tensor] = {}
+        # In memory, the least recently used vocabularies are dropped past max_cached: a server that
+        # sees endless new class lists must not grow without bound.
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def disk_key(self, vocab: Vocabulary) -> str:
         templates = hashlib.sha256("\n".join(IMAGENET_TEMPLATES).encode()).hexdigest()
@@ -89,6 +93,7 @@ class TextEmbedder:
         """-> [Q, E] float32, one normalized row per query of the vocabulary."""
         key = vocab.key()
         if key in self._cache:
+            self._cache.move_to_end(key)
             return self._cache[key]
         disk = self.disk if self.identity is not None else None
         emb = disk.load(self.disk_key(vocab)) if disk is not None else None
@@ -97,6 +102,8 @@ class TextEmbedder:
             if disk is not None:
                 disk.save(self.disk_key(vocab), emb, {"text_tower": self.identity, "queries": list(vocab.queries)})
         self._cache[key] = emb.to(self.device)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
         return self._cache[key]
 
     def _compute(self, vocab: Vocabulary) -> torch.Tensor:
