@@ -108,7 +108,7 @@ class Segmenter:
                             self.device, identity=f"clip_text.onnx#{onnx['sha256'][onnx['file']]}",
                             cache=_text_cache(text_cache))
         self.pipeline = Pipeline(spec.from_graphs(run, mf), text, masks, self.device, max_windows,
-                                 window=mf["window"]["crop"])
+                                 window=mf["window"])
         return self
 
     @property

@@ -15,8 +15,10 @@ from corrclip.models.clip import (
     ClipText,
     ClipTrunk,
     build_clip,
+    embed_windows,
     interpolate_pos_embed_clip,
     num_spatial_layers,
+    pos_embed_for_export,
 )
 
 
@@ -124,6 +126,33 @@ def test_pos_embed_interpolation(clip, grid):
         plain = F.interpolate(pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2), size=grid, mode="bicubic",
                               align_corners=False)
         assert not torch.allclose(plain.permute(0, 2, 3, 1).reshape(441, -1), interpolate_pos_embed_clip(pos, grid)[1:])
+
+
+@pytest.mark.parametrize("grid", [(21, 21), (14, 21), (21, 14), (3, 126), (14, 14)])
+def test_pos_embed_export_form_agrees(clip, grid):
+    """The matrix form traced by torch.export: the eager F.interpolate numbers to ~1e-6, the table at 14 x 14."""
+    pos = clip.visual.positional_embedding.detach()
+    traced = pos_embed_for_export(pos, grid)
+    assert float((traced - interpolate_pos_embed_clip(pos, grid)).abs().max()) <= 2e-6 * float(pos.abs().max())
+    if grid == (14, 14):
+        assert torch.equal(traced, pos)
+
+
+def test_window_embedding_exports_with_dynamic_sides(clip):
+    """Patches + interpolated positions exported once at 336 x 448 serve other (non-square) windows."""
+    from torch.export import Dim
+
+    class Embed(torch.nn.Module):
+        def forward(self, windows):
+            return embed_windows(clip.visual, windows)
+
+    rows, cols = Dim("rows", min=1, max=36), Dim("cols", min=1, max=36)
+    with torch.no_grad():
+        program = torch.export.export(Embed(), (torch.randn(2, 3, 336, 448),),
+                                      dynamic_shapes=({2: 56 * rows, 3: 56 * cols},))
+        for h, w in ((224, 336), (336, 224), (56, 560), (224, 224)):
+            x = torch.randn(2, 3, h, w)
+            torch.testing.assert_close(program.module()(x), Embed()(x), atol=2e-6, rtol=1e-5)
 
 
 def test_trunk_matches_literal_joint_mask(clip):

@@ -3,6 +3,7 @@ from it (ONNX Runtime and AOTInductor) against the torch reference."""
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def test_manifest(bundle):
         assert {f["format"] for f in g["files"]} == {"onnx", "aoti-cpu"}
     assert mf["preprocessing"]["pixel_mean"] == [122.771, 116.746, 104.094]
     assert mf["versions"]["torch"] == torch.__version__
+    assert {k: mf["window"][k] for k in ("crop", "dynamic", "multiple", "max")} == \
+        {"crop": 336, "dynamic": True, "multiple": 56, "max": 2016}
+    for name in ("dino", "clip_trunk", "corr_head"):  # every graph that takes windows: checked on non-square ones
+        sides = {tuple(map(int, re.search(r"H=(\d+),W=(\d+)", k).groups())) for k in mf["graphs"][name]["parity"]
+                 if "@" in k}
+        assert (336, 336) in sides and any(h != w for h, w in sides), (name, sides)
+    assert mf["graphs"]["dino"]["inputs"][0]["shape"] == ["B", 3, "H", "W"]
 
 
 def test_refuses_corrupted_or_foreign_bundles(bundle, tmp_path):
@@ -85,6 +93,7 @@ MANIFEST_DEFECTS = {  # defect -> (edit, what the one-line error must say)
                             "graphs.clip_text.inputs[0] has no 'dtype'"),
     "outputs not names": (_set("graphs.dino.outputs", [0]), "graphs.dino.outputs must be a list of names"),
     "crop a string": (_set("window.crop", "336"), "window.crop is a string, expected an integer"),
+    "dynamic window without max": (_set("window.max", DELETE), "window has no 'max'"),
     "no tokenizer": (_set("clip.tokenizer", DELETE), "clip has no 'tokenizer'"),
     "sam without size": (_set("sam.img_size", DELETE), "sam has no 'img_size'"),
     "method missing": (_set("method", DELETE), "the manifest has no 'method'"),
@@ -286,7 +295,7 @@ def test_head_logits_within_1e4(bundle):
 
     graphs = {g.name: g for g in method_graphs("corrclip", build_models("tiny", sam="none"), 336)}
     head = graphs["corr_head"]
-    inputs = head.make_inputs({"B": 3, "R": 11, "Q": 21}, torch.Generator().manual_seed(7))
+    inputs = head.make_inputs({"B": 3, "R": 11, "Q": 21, "H": 280, "W": 392}, torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = head.module(*inputs)
     for backend in ("onnxruntime", "aoti"):
@@ -294,11 +303,34 @@ def test_head_logits_within_1e4(bundle):
         assert float((out - ref).abs().max()) < 1e-4
 
 
-def test_bundle_refuses_other_window_sizes(bundle):
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_bundle_takes_windows_of_a_wide_image(bundle, backend):
+    """Aspect ratio 10: the 2048 long-side cap leaves a 205-pixel short side, so the windows are 224 x 336
+    (padded), not the bundle's 336 x 336; the bundle runs them as the torch path does."""
+    from corrclip.runtime.preprocess import resized_size, sliding_windows
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 400, 3), dtype=np.uint8)
+    lm = (np.arange(400)[None, :] // 37 + 11 * (np.arange(40)[:, None] // 13)).astype(np.int64)
+    assert {w.padded_size for w in sliding_windows(*resized_size(40, 400, 336), 336, 112)} == {(224, 336)}
+    ref = Segmenter("tiny", device="cpu", sam="none").segment(img, "cat, dog, sky", masks=lm, return_probs=True)[0]
+    eng = Segmenter.from_bundle(bundle, backend, device="cpu")
+    out = eng.segment(img, "cat, dog, sky", masks=lm, return_probs=True)[0]
+    assert (out.labels == ref.labels).mean() >= 0.999
+    np.testing.assert_allclose(out.probs, ref.probs, atol=2e-4)
+
+
+def test_bundle_with_fixed_windows_says_re_export(bundle, tmp_path):
+    """A bundle exported before windows were dynamic takes only crop x crop windows: the error says to re-export
+    it, not to pass the --crop already in use."""
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    mf = json.loads((old / "manifest.json").read_text())
+    mf["window"] = {"crop": 336, "note": "graphs are built for crop x crop windows"}
+    (old / "manifest.json").write_text(json.dumps(mf))
     img, lm = _inputs()
-    eng = Segmenter.from_bundle(bundle, device="cpu")
-    with pytest.raises(ValueError, match="re-export with --crop 224"):
-        eng.segment(img, preset="city_scapes", masks=lm)
+    with pytest.raises(ValueError, match=r"takes only 336x336 windows .* re-export the bundle") as e:
+        Segmenter.from_bundle(old, device="cpu").segment(img[:, :40], "cat, dog", masks=lm[:, :40])
+    assert "--crop 336" not in str(e.value)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -431,8 +463,9 @@ class FakeTensorRT:
 
 def test_tensorrt_engine_build_from_manifest(bundle, tmp_path, monkeypatch):
     """With a fake `tensorrt` (it cannot be installed here): the executor parses the bundle's ONNX file, builds
-    one optimization profile from the manifest (min 1 / opt AXIS_OPT / max AXIS_MAX on each dynamic axis, the
-    static sizes as exported), caches the plan per GPU and TensorRT version, and reloads it without a build."""
+    one optimization profile from the manifest (min 1 / opt AXIS_OPT / max AXIS_MAX on each dynamic axis, window
+    axes from a 56 x 56 window to the crop, the static sizes as exported), caches the plan per GPU and TensorRT
+    version, and reloads it without a build."""
     import sys
 
     from corrclip.engine.backends.tensorrt import TensorRTExecutor
@@ -446,13 +479,14 @@ def test_tensorrt_engine_build_from_manifest(bundle, tmp_path, monkeypatch):
     assert run.inputs == ["feats", "region_ids", "values", "mct", "mct_index", "text"] and run.outputs == ["logits"]
     assert fake.calls[:2] == [("Builder",), ("parse_from_file", "corr_head.onnx")]
     shapes = [c[1:] for c in fake.calls if c[0] == "set_shape"]
-    # tiny backbone at crop 336: DINO grid 42 (dim 64), CLIP grid 21 (width 64), text embeddings of 32.
+    # tiny backbone at crop 336: DINO grid 42 (dim 64), CLIP grid 21 (width 64), text embeddings of 32; the
+    # window axes run from a 56 x 56 window (DINO grid 7, CLIP grid 3) to the crop.
     assert shapes == [
-        ("feats", [1, 1764, 64], [2, 1764, 64], [64, 1764, 64]),
-        ("region_ids", [1, 42, 42], [2, 42, 42], [64, 42, 42]),
-        ("values", [1, 2, 64, 21, 21], [2, 2, 64, 21, 21], [64, 2, 64, 21, 21]),
+        ("feats", [1, 49, 64], [2, 1764, 64], [64, 1764, 64]),
+        ("region_ids", [1, 7, 7], [2, 42, 42], [64, 42, 42]),
+        ("values", [1, 2, 64, 3, 3], [2, 2, 64, 21, 21], [64, 2, 64, 21, 21]),
         ("mct", [1, 1, 64], [2, 64, 64], [64, 1024, 64]),
-        ("mct_index", [1, 42, 42], [2, 42, 42], [64, 42, 42]),
+        ("mct_index", [1, 7, 7], [2, 42, 42], [64, 42, 42]),
         ("text", [1, 32], [256, 32], [4096, 32]),
     ]
     assert ("set_flag", "FP16") not in fake.calls and fake.calls[-2:] == [
@@ -499,6 +533,22 @@ def test_bench_runs_on_bundle_backends(bundle, backend, tmp_path):
                                    "corr_head", "stitch_vote"}
     assert all(0 < v["p50"] <= v["p99"] and "gflop" not in v for v in r["stages_ms"].values())  # no FLOPs: not torch
     assert r["images_per_s"] == pytest.approx(1000 / r["total_ms"]["p50"], rel=1e-9)
+
+
+def test_tensorrt_profiles_are_consistent(bundle):
+    """One window per profile end (56 x 56, then the crop): every window-derived axis agrees with it."""
+    from corrclip.engine.backends.tensorrt import profile_shapes
+
+    mf = load_bundle(bundle).manifest
+    shapes = {(g, i["name"]): profile_shapes(i["shape"], mf) for g, e in mf["graphs"].items() for i in e["inputs"]}
+    for end, side in zip(range(3), (56, 336, 336)):
+        cells, grid = side // 8, side // 16
+        assert shapes["dino", "windows"][end][2:] == [side, side]
+        assert shapes["clip_trunk", "regions"][end][2] == grid * grid
+        assert shapes["corr_head", "feats"][end][1] == cells * cells
+        assert shapes["corr_head", "region_ids"][end][1:] == shapes["corr_head", "mct_index"][end][1:] == [cells] * 2
+        assert shapes["corr_head", "values"][end][3:] == [grid, grid]
+    assert shapes["corr_head", "text"] == ([1, 32], [256, 32], [4096, 32])
 
 
 @needs_openvino

@@ -185,10 +185,24 @@ def test_three_methods_share_one_code_path(segmenters, image, monkeypatch):
     assert type(segmenters["sc-clip"].pipeline) is type(segmenters["corrclip"].pipeline)
 
 
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """One bundle per method, exported on first use."""
+    made = {}
+
+    def get(method):
+        if method not in made:
+            out = tmp_path_factory.mktemp("bundles") / method
+            assert export_cli.main(["--method", method, "--backbone", "tiny", "--out", str(out)]) == 0
+            made[method] = out
+        return made[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method", ["sc-clip", "cliptrase"])
-def test_bundle_matches_torch(tmp_path, blocks, segmenters, method):
-    out = tmp_path / method
-    assert export_cli.main(["--method", method, "--backbone", "tiny", "--out", str(out)]) == 0
+def test_bundle_matches_torch(bundles, blocks, segmenters, method):
+    out = bundles(method)
     mf = json.loads((out / "manifest.json").read_text())
     assert mf["method"] == method and set(mf["graphs"]) == {"clip_dense", "clip_text"}
     # VOC20: CLIPtrase's CLS prior runs on the exported graph's CLS output too.
@@ -197,6 +211,20 @@ def test_bundle_matches_torch(tmp_path, blocks, segmenters, method):
     assert len(np.unique(ref.labels)) >= 3  # several classes: agreement means something
     assert (eng.labels == ref.labels).mean() >= 0.999
     np.testing.assert_allclose(eng.probs, ref.probs, atol=1e-3)
+
+
+def test_scclip_bundle_takes_a_small_image(bundles, segmenters):
+    """200x150 at short side 224 with 336 windows: the windows are 224 x 336, the bundle runs them like torch."""
+    from corrclip.runtime.preprocess import resized_size, sliding_windows
+
+    img = np.random.default_rng(5).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    settings = dict(short_side=224, crop=336)
+    assert {w.padded_size for w in sliding_windows(*resized_size(150, 200, 224), 336, 112)} == {(224, 336)}
+    ref = segmenters["sc-clip"].segment(img, "cat, dog, grass, sky", return_probs=True, **settings)[0]
+    eng = Segmenter.from_bundle(bundles("sc-clip"), device="cpu")
+    out = eng.segment(img, "cat, dog, grass, sky", return_probs=True, **settings)[0]
+    assert (out.labels == ref.labels).mean() >= 0.999
+    np.testing.assert_allclose(out.probs, ref.probs, atol=1e-3)
 
 
 def test_cli_method_flag(tmp_path):

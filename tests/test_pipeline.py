@@ -74,3 +74,14 @@ def test_preset_vocabulary_and_settings(segmenter):
     out = segmenter.segment(img, preset="voc21", masks=lm)[0]
     assert len(out.names) == 21 and out.names[0] == "background"
     assert as_vocabulary(["sky; cloud", "road"]).num_queries == 3
+
+
+def test_bundle_window_limits():
+    """A bundle's graphs take any window in multiples of 56 up to its max; a larger --crop is refused in one line."""
+    from corrclip.runtime.pipeline import check_window
+
+    spec = {"crop": 336, "dynamic": True, "multiple": 56, "max": 2016}
+    for h, w, crop in ((224, 336, 336), (336, 224, 336), (56, 2016, 2048), (448, 448, 448)):
+        check_window(spec, h, w, crop)
+    with pytest.raises(ValueError, match="up to 2016x2016 pixels .* use a smaller --crop"):
+        check_window(spec, 336, 2072, 2072)

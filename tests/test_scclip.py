@@ -252,13 +252,17 @@ def test_dense_matches_literal(clip12):
         assert not torch.allclose(other, got, atol=1e-4)
 
 
-def test_export_dynamic_batch(clip12):
+def test_export_dynamic_batch_and_window(clip12):
+    """Batch and window sides dynamic: no Python branch on the token count (LOF's k, the quantile's rank)
+    freezes the example's size; exported at 224 x 336, run at other sizes, square and not, down to 21 tokens
+    (fewer than LOF's k + 1)."""
     torch.manual_seed(2)
     model = ScClipDense(clip12.visual).eval()
-    windows = torch.randn(2, 3, 224, 224)
+    windows = torch.randn(2, 3, 224, 336)
     batch = torch.export.Dim("batch", min=1, max=64)
+    rows, cols = torch.export.Dim("rows", min=1, max=36), torch.export.Dim("cols", min=1, max=36)
     with torch.no_grad():
-        ep = torch.export.export(model, (windows,), dynamic_shapes=({0: batch},))
-        one = windows[1:]
-        torch.testing.assert_close(ep.module()(one), model(one), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ep.module()(windows), model(windows), rtol=1e-4, atol=1e-5)
+        ep = torch.export.export(model, (windows,), dynamic_shapes=({0: batch, 2: 56 * rows, 3: 56 * cols},))
+        others = (torch.randn(1, 3, 224, 224), torch.randn(2, 3, 336, 112), torch.randn(1, 3, 56, 112))
+        for x in (windows[1:], windows, *others):
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-5)

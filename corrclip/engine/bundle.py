@@ -85,6 +85,7 @@ def load_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
 _TOP = {"method": str, "backbone": str, "weights": dict, "clip": dict, "window": dict, "graphs": dict}
 _CLIP = {"patch": int, "tokenizer": str}
 _WINDOW = {"crop": int}
+_DYNAMIC_WINDOW = {"multiple": int, "max": int}  # bundles whose graphs take any window size
 _SAM = {"img_size": int, "pixel_mean": list, "pixel_std": list}
 _GRAPH = {"files": list, "inputs": list, "outputs": list, "precision": str}
 _FILE = {"format": str, "file": str, "sha256": dict}
@@ -107,6 +108,8 @@ def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
     fields(manifest, _TOP, "the manifest")
     fields(manifest["clip"], _CLIP, "clip")
     fields(manifest["window"], _WINDOW, "window")
+    if manifest["window"].get("dynamic"):
+        fields(manifest["window"], _DYNAMIC_WINDOW, "window")
     if manifest.get("sam") is not None:
         fields(manifest["sam"], _SAM, "sam")
     if not manifest["graphs"]:

@@ -27,9 +27,10 @@ from ..engine.bundle import SCHEMA_VERSION, Bundle, BundleError, BundleWriter
 from ..models.build import Models
 from ..models.checkpoints import WeightsError
 from .formats import FORMATS, stored_format
-from .graphs import Graph, method_graphs
+from .graphs import AXIS_MAX, Graph, method_graphs
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # max |a - b| / max |torch|
+FLIP_CEILING = 1e-2  # what a graph's allowed share of rows (Graph.flip_rows) may still differ by
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -185,13 +186,19 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
         ref = [r.float().cpu() for r in (ref if isinstance(ref, tuple) else (ref,))]
         for fmt, (run, run_on) in runners.items():
             outs = [o.float().cpu() for o in run(*_to(inputs, run_on))]
-            err = max(float((o - r).abs().max() / r.abs().max().clamp(min=1e-12)) for o, r in zip(outs, ref))
+            rel = [(o - r).abs() / r.abs().max().clamp(min=1e-12) for o, r in zip(outs, ref)]
+            err = max(float(e.max()) for e in rel)
             abs_err = max(float((o - r).abs().max()) for o, r in zip(outs, ref))
+            # Share of rows (all axes but the last) past tolerance: a rounding-flipped decision moves whole tokens.
+            over = max(float(e.reshape(-1, e.shape[-1] if e.dim() else 1).amax(-1).gt(tol).float().mean())
+                       for e in rel)
             key = f"{fmt}@{','.join(f'{k}={v}' for k, v in sizes.items()) or 'static'}"
-            report[key] = {"max_abs": abs_err, "max_rel": err}
-            if not err <= tol:
+            report[key] = {"max_abs": abs_err, "max_rel": err, "rows_over_tolerance": over}
+            flipped = over <= graph.flip_rows and err <= FLIP_CEILING
+            if not (err <= tol or flipped):
                 raise ParityError(f"graph {graph.name} ({fmt}) differs from torch by {err:.2e} (relative) at {key}, "
-                                  f"above the tolerance {tol:.0e}")
+                                  f"above the tolerance {tol:.0e}"
+                                  + (f" ({over:.1%} of rows past it)" if graph.flip_rows else ""))
     return report
 
 
@@ -223,7 +230,9 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
             "img_size": models.sam.image_encoder.img_size,
             "pixel_mean": models.sam.pixel_mean.flatten().tolist(),
             "pixel_std": models.sam.pixel_std.flatten().tolist()},
-        "window": {"crop": args.crop, "note": "graphs are built for crop x crop windows"},
+        "window": {"crop": args.crop, "dynamic": True, "multiple": PAD_MULTIPLE, "max": AXIS_MAX["H"],
+                   "note": "the graphs take any H x W window, sides multiples of `multiple` up to `max`; `crop` is "
+                           "the default window the bundle was made and checked with"},
         "preprocessing": {"pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD, "pad_multiple": PAD_MULTIPLE,
                           "short_side": settings.short_side, "long_cap": settings.long_cap,
                           "stride": settings.stride, "resize": "opencv INTER_LINEAR on uint8"},
@@ -240,9 +249,11 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
 def print_table(manifest: dict) -> None:
     print(f"\n{'graph':<12} {'file':<24} {'MB':>8} {'export s':>9} {'max rel err':>12}")
     for name, g in manifest["graphs"].items():
-        errs = [v["max_rel"] for k, v in g["parity"].items() if isinstance(v, dict)]
+        checks = [v for v in g["parity"].values() if isinstance(v, dict)]
+        over = max(v.get("rows_over_tolerance", 0.0) for v in checks)
+        note = f"  ({over:.2%} of rows past {g['parity']['tolerance']:.0e}: flipped thresholds)" if over else ""
         print(f"{name:<12} {g['files'][0]['file']:<24} {g['bytes'] / 1e6:8.1f} {g['export_seconds']:9.1f} "
-              f"{max(errs):12.2e}")
+              f"{max(v['max_rel'] for v in checks):12.2e}{note}")
 
 
 def _cast(t: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

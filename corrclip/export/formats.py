@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .graphs import AXIS_MAX, Graph
+from .graphs import Graph, export_dim
 
 # Beyond this many bytes of weights, ONNX's 2 GB protobuf limit needs external data.
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -21,12 +21,8 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 
 def dynamic_shapes(graph: Graph) -> tuple:
     dims: dict[str, Dim] = {}
-    spec = []
-    for name in graph.input_names:
-        axes = graph.dynamic.get(name, {})
-        spec.append({ax: dims.setdefault(sym, Dim(sym, min=1, max=AXIS_MAX[sym])) for ax, sym in axes.items()}
-                    or None)
-    return tuple(spec)
+    return tuple({ax: export_dim(sym, dims) for ax, sym in graph.dynamic.get(name, {}).items()} or None
+                 for name in graph.input_names)
 
 
 def exported_program(graph: Graph, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:

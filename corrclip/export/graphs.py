@@ -1,8 +1,12 @@
 """The graphs of an engine bundle: which torch module, its inputs and outputs, its dynamic axes,
-and fresh random inputs at two shapes per dynamic axis for the parity check.
+and fresh random inputs at two or more shapes for the parity check.
 
-Window size is static per bundle (positional embeddings are interpolated for it at export time);
-batch B, regions R, classes/queries Q, prompts P and text length L are dynamic.
+Every axis that varies is dynamic: batch B, regions R, classes/queries Q, prompts P, text length L,
+and the window. Windows are H x W pixels, multiples of 56 (the pipeline pads them so: a 2048
+long-side cap or a short side below the crop gives non-square windows), exported as 56 * k so that
+the divisions by DINO's 8 and CLIP's patch stay exact; positional embeddings are interpolated
+inside the graphs (models/bicubic.py). Window-derived axes: the DINO grid H8 x W8, the CLIP grid
+HP x WP, and their token counts N8 and NP (products, which torch.export derives itself).
 """
 
 from __future__ import annotations
@@ -12,12 +16,34 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.export import Dim
 
 from ..models.build import Models
 from ..models.clip import ClipText
+from ..runtime.preprocess import PAD_MULTIPLE
 
 # Upper bounds of the dynamic axes (torch.export needs ranges; TensorRT profiles use them too).
-AXIS_MAX = {"B": 64, "R": 1024, "Q": 4096, "P": 4096, "L": 77}
+# H and W: the largest multiple of 56 within the 2048 long-side cap.
+AXIS_MAX = {"B": 64, "R": 1024, "Q": 4096, "P": 4096, "L": 77, "H": 2016, "W": 2016}
+WINDOW_AXES = ("H", "W", "H8", "W8", "N8", "HP", "WP", "NP")
+
+
+def window_axes(h: int, w: int, patch: int) -> dict[str, int]:
+    """The sizes of the window-derived axes for an h x w window (pixels) and CLIP patch `patch`."""
+    return {"H": h, "W": w, "H8": h // 8, "W8": w // 8, "N8": (h // 8) * (w // 8),
+            "HP": h // patch, "WP": w // patch, "NP": (h // patch) * (w // patch)}
+
+
+def export_dim(symbol: str, dims: dict[str, Dim]):
+    """The torch.export dimension of an axis symbol; `dims` shares one Dim per symbol within a graph."""
+    if symbol in ("H", "W", "H8", "W8"):  # k window units of 56 pixels, or 7 DINO cells
+        unit = dims.setdefault(symbol[0], Dim(f"{symbol[0]}_units", min=1, max=AXIS_MAX[symbol[0]] // PAD_MULTIPLE))
+        return unit * (PAD_MULTIPLE if len(symbol) == 1 else PAD_MULTIPLE // 8)
+    if symbol in ("N8", "NP"):
+        return Dim.AUTO  # a product of the grid's sides
+    if symbol in ("HP", "WP"):  # a CLIP grid given on its own (corr_head's values): any size
+        return dims.setdefault(symbol, Dim(symbol, min=1, max=AXIS_MAX[symbol[0]] // 14))
+    return dims.setdefault(symbol, Dim(symbol, min=1, max=AXIS_MAX[symbol]))
 
 
 @dataclass
@@ -28,7 +54,13 @@ class Graph:
     output_names: list[str]
     dynamic: dict[str, dict[int, str]]  # input name -> {axis: symbol}
     make_inputs: Callable[[dict[str, int], torch.Generator], tuple[torch.Tensor, ...]]
-    sizes: tuple[dict[str, int], dict[str, int]]  # two assignments of the symbols, for export and parity
+    # Assignments of the symbols: the first is the export example (every size >= 2: torch.export
+    # specializes sizes 0 and 1), all are checked for parity.
+    sizes: tuple[dict[str, int], ...]
+    # Share of output rows (all axes but the last) allowed past the tolerance, up to FLIP_CEILING: for graphs
+    # with hard threshold decisions that a rounding difference flips (SC-CLIP's anomaly quantile, cosine >= beta,
+    # prior M < 0; eager torch itself moves a few tokens by ~4e-4 when its input moves by 1e-7).
+    flip_rows: float = 0.0
 
 
 def method_graphs(method: str, models: Models, crop: int) -> list[Graph]:
@@ -39,19 +71,26 @@ def method_graphs(method: str, models: Models, crop: int) -> list[Graph]:
     return [g.__class__(**{**g.__dict__, "module": g.module.eval()}) for g in graphs]
 
 
-def windows_input(crop: int) -> Callable[[dict[str, int], torch.Generator], tuple[torch.Tensor, ...]]:
-    """Random crop x crop windows, batch "B"."""
+def window_sizes(crop: int) -> tuple[dict[str, int], ...]:
+    """Export and parity shapes of a graph that takes windows: a wide window (the export example, so
+    that nothing square is baked in), the square crop x crop, and a tall one; batch 2, 1, 1."""
+    big, small = max(crop, 2 * PAD_MULTIPLE), max(crop - 2 * PAD_MULTIPLE, PAD_MULTIPLE)
+    return ({"B": 2, "H": big, "W": big + 2 * PAD_MULTIPLE}, {"B": 1, "H": crop, "W": crop},
+            {"B": 1, "H": crop, "W": small})
 
-    def make(s, g):
-        return (torch.randn(s["B"], 3, crop, crop, generator=g),)
 
-    return make
+def windows_input(s: dict[str, int], g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random H x W windows, batch "B"."""
+    return (torch.randn(s["B"], 3, s["H"], s["W"], generator=g),)
 
 
-def dense_graph(module: nn.Module, outputs: list[str], crop: int) -> Graph:
+WINDOWS = {0: "B", 2: "H", 3: "W"}
+
+
+def dense_graph(module: nn.Module, outputs: list[str], crop: int, flip_rows: float = 0.0) -> Graph:
     """The one-graph encoders of the CLIP-only methods: windows -> dense outputs."""
-    return Graph("clip_dense", module, ["windows"], outputs, {"windows": {0: "B"}}, windows_input(crop),
-                 ({"B": 2}, {"B": 1}))
+    return Graph("clip_dense", module, ["windows"], outputs, {"windows": WINDOWS}, windows_input,
+                 window_sizes(crop), flip_rows)
 
 
 def text_graph(models: Models) -> Graph:

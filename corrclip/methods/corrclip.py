@@ -75,10 +75,11 @@ def from_graphs(run: dict[str, Callable], manifest: dict) -> CorrClipEncoder:
 
 
 def graphs(models, crop: int) -> list:
-    """dino, clip_trunk, corr_head, clip_text, and SAM's graphs when the models have SAM."""
+    """dino, clip_trunk, corr_head, clip_text, and SAM's graphs when the models have SAM; every window
+    axis dynamic (export/graphs.py)."""
     import torch.nn.functional as F
 
-    from ..export.graphs import Graph, sam_graphs, text_graph, windows_input
+    from ..export.graphs import WINDOWS, Graph, sam_graphs, text_graph, window_axes, window_sizes, windows_input
     from ..models.clip import ClipTrunk
     from ..models.corr_head import CorrHead
     from ..models.dino import DinoFeatures
@@ -88,33 +89,36 @@ def graphs(models, crop: int) -> list:
     width = visual.conv1.out_channels
     dino_dim = models.dino.embed_dim
     embed = visual.proj.shape[1]
-    hh, gh = crop // 8, crop // patch
 
     def trunk_inputs(s, g):
-        ids = torch.randint(0, s["R"], (s["B"], gh * gh), generator=g)
-        regions = torch.zeros(s["B"], s["R"], gh * gh, dtype=torch.bool)
+        n = window_axes(s["H"], s["W"], patch)["NP"]
+        ids = torch.randint(0, s["R"], (s["B"], n), generator=g)
+        regions = torch.zeros(s["B"], s["R"], n, dtype=torch.bool)
         regions.scatter_(1, ids[:, None], True)
-        return torch.randn(s["B"], 3, crop, crop, generator=g), regions
+        return torch.randn(s["B"], 3, s["H"], s["W"], generator=g), regions
 
     def head_inputs(s, g):
         b, r, q = s["B"], s["R"], s["Q"]
-        return (F.normalize(torch.randn(b, hh * hh, dino_dim, generator=g), dim=-1),
-                torch.randint(-1, r, (b, hh, hh), generator=g),
-                torch.randn(b, 2, width, gh, gh, generator=g),
+        a = window_axes(s["H"], s["W"], patch)
+        grid8, grid_clip = (a["H8"], a["W8"]), (a["HP"], a["WP"])
+        return (F.normalize(torch.randn(b, a["N8"], dino_dim, generator=g), dim=-1),
+                torch.randint(-1, r, (b, *grid8), generator=g),
+                torch.randn(b, 2, width, *grid_clip, generator=g),
                 torch.randn(b, r, width, generator=g),
-                torch.randint(0, r, (b, hh, hh), generator=g),
+                torch.randint(0, r, (b, *grid8), generator=g),
                 F.normalize(torch.randn(q, embed, generator=g), dim=-1))
 
+    grid8 = {0: "B", 1: "H8", 2: "W8"}
     out = [
-        Graph("dino", DinoFeatures(models.dino), ["windows"], ["feats"], {"windows": {0: "B"}}, windows_input(crop),
-              ({"B": 2}, {"B": 1})),
+        Graph("dino", DinoFeatures(models.dino), ["windows"], ["feats"], {"windows": WINDOWS}, windows_input,
+              window_sizes(crop)),
         Graph("clip_trunk", ClipTrunk(visual), ["windows", "regions"], ["values", "mct"],
-              {"windows": {0: "B"}, "regions": {0: "B", 1: "R"}}, trunk_inputs,
-              ({"B": 2, "R": 5}, {"B": 1, "R": 9})),
+              {"windows": WINDOWS, "regions": {0: "B", 1: "R", 2: "NP"}}, trunk_inputs,
+              tuple(s | {"R": r} for s, r in zip(window_sizes(crop), (5, 9, 3)))),
         Graph("corr_head", CorrHead(visual), ["feats", "region_ids", "values", "mct", "mct_index", "text"],
-              ["logits"], {"feats": {0: "B"}, "region_ids": {0: "B"}, "values": {0: "B"}, "mct": {0: "B", 1: "R"},
-                           "mct_index": {0: "B"}, "text": {0: "Q"}},
-              head_inputs, ({"B": 2, "R": 5, "Q": 7}, {"B": 1, "R": 9, "Q": 3})),
+              ["logits"], {"feats": {0: "B", 1: "N8"}, "region_ids": grid8, "values": {0: "B", 3: "HP", 4: "WP"},
+                           "mct": {0: "B", 1: "R"}, "mct_index": grid8, "text": {0: "Q"}},
+              head_inputs, tuple(s | {"R": r, "Q": q} for s, r, q in zip(window_sizes(crop), (5, 9, 3), (7, 3, 4)))),
         text_graph(models),
     ]
     if models.sam is not None:

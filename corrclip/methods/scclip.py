@@ -61,8 +61,9 @@ def graphs(models, crop: int) -> list:
     from ..export.graphs import dense_graph, text_graph
     from ..models.scclip import ScClipDense
 
-    # The whole forward up to the (normalized) features is one graph.
-    return [dense_graph(ScClipDense(models.clip.visual), ["feats"], crop), text_graph(models)]
+    # The whole forward up to the (normalized) features is one graph. Its thresholds flip on rounding
+    # differences, moving a few tokens (about 0.3% at 336x448 windows): allow 1% of them past tolerance.
+    return [dense_graph(ScClipDense(models.clip.visual), ["feats"], crop, flip_rows=0.01), text_graph(models)]
 
 
 METHOD = register(Method(

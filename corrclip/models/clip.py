@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bicubic import plus_tenth_step, resize_grid
 from .checkpoints import WeightsError, load_into, load_state_dict, require_download, seeded
 
 TINY_CLIP = dict(
@@ -183,8 +184,11 @@ def interpolate_pos_embed_clip(pos: torch.Tensor, grid: tuple[int, int]) -> torc
     """[1 + g0*g0, D] -> [1 + gh*gw, D], bicubic with the DINO-style scale factor (g + 0.1) / g0.
 
     The research code maps coordinates with 14/21.1 (not 14/21) at 336/16; interpolating to a
-    target *size* would differ by up to ~0.5.
+    target *size* would differ by up to ~0.5. While torch.export traces, the same resize runs as
+    matrix products (`pos_embed_for_export`) so that the grid, hence the window size, stays dynamic.
     """
+    if torch.compiler.is_exporting():
+        return pos_embed_for_export(pos, grid)
     g0 = int(math.sqrt(pos.shape[0] - 1))
     gh, gw = grid
     if (gh, gw) == (g0, g0):
@@ -195,6 +199,23 @@ def interpolate_pos_embed_clip(pos: torch.Tensor, grid: tuple[int, int]) -> torc
     assert patch.shape[-2:] == (gh, gw), (patch.shape, grid)
     patch = patch.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
     return torch.cat([pos[:1], patch], dim=0)
+
+
+def pos_embed_for_export(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """interpolate_pos_embed_clip without Python-float scale factors or a Python branch on the grid
+    (both would freeze the window size into an exported graph); agrees with it to ~1e-6, and is the
+    table itself, bit for bit, at the native grid."""
+    g0 = int(math.sqrt(pos.shape[0] - 1))
+    gh, gw = grid
+
+    def scalar(v: int) -> torch.Tensor:
+        return torch.full((), v, dtype=torch.float64, device=pos.device)
+
+    keep = (scalar(gh) == g0) & (scalar(gw) == g0)
+    table = pos[1:].float().reshape(g0, g0, -1)  # float32 like the eager path
+    patch = resize_grid(table, gh, gw, plus_tenth_step(gh, g0, keep, torch.float32),
+                        plus_tenth_step(gw, g0, keep, torch.float32))
+    return torch.cat([pos[:1], patch.reshape(gh * gw, -1).to(pos.dtype)], dim=0)
 
 
 def embed_windows(visual: nn.Module, windows: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from corrclip.models.bicubic import plus_tenth_step, resize_grid
 from corrclip.models.checkpoints import WeightsError, fetch, load_into, load_state_dict, seeded
 
 PATCH = 8
@@ -94,32 +95,6 @@ def build_dino(
     return vit.to(device).eval()
 
 
-def _cubic_matrix(out_size: int, in_size: int, step: Tensor) -> Tensor:
-    """[out_size, in_size] weights of F.interpolate's bicubic resampling (align_corners=False).
-
-    `step` (0-d) is the input distance per output cell. Written as a matrix rather than calling
-    F.interpolate because that op takes its scale factor as a Python float, which torch.export then
-    freezes to the example's size; here the size only enters through tensors, so h and w stay dynamic.
-    """
-    cells = torch.arange(out_size, dtype=step.dtype, device=step.device)
-    src = step * (cells + 0.5) - 0.5
-    first = src.floor()
-    t = src - first
-    a = -0.75  # PyTorch's cubic convolution constant
-
-    def near(x: Tensor) -> Tensor:  # kernel for |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: Tensor) -> Tensor:  # kernel for 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=-1)  # [out, 4]
-    # Taps past the border repeat the edge value, as F.interpolate clamps its indices.
-    taps = (first.long().unsqueeze(-1) + torch.arange(-1, 3, device=step.device)).clamp(0, in_size - 1)
-    hits = taps.unsqueeze(-1) == torch.arange(in_size, device=step.device)  # [out, 4, in]
-    return (hits.to(weights.dtype) * weights.unsqueeze(-1)).sum(dim=1)
-
-
 def interpolate_pos_embed_dino(pos_embed: Tensor, h: int, w: int, patch: int) -> Tensor:
     """Resizes [1, 1+N0, C] position embeddings to an h x w pixel input the way DINO's reference does.
 
@@ -140,14 +115,9 @@ def interpolate_pos_embed_dino(pos_embed: Tensor, h: int, w: int, patch: int) ->
 
     keep = (scalar(rows) * scalar(cols) == n0) & (scalar(h) == scalar(w))
     compute = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
-
-    def step(cells: int) -> Tensor:
-        # F.interpolate maps with 1 / scale_factor, computed in double, then in the compute dtype.
-        return torch.where(keep, 1.0, torch.reciprocal((scalar(cells) + 0.1) / side)).to(compute)
-
-    table = pos_embed[0, 1:].to(compute).reshape(int(side), int(side) * dim)
-    by_rows = (_cubic_matrix(rows, int(side), step(rows)) @ table).reshape(rows, int(side), dim)
-    grid = _cubic_matrix(cols, int(side), step(cols)) @ by_rows  # [rows, cols, dim]
+    table = pos_embed[0, 1:].to(compute).reshape(int(side), int(side), dim)
+    grid = resize_grid(table, rows, cols, plus_tenth_step(rows, side, keep, compute),
+                       plus_tenth_step(cols, side, keep, compute))  # [rows, cols, dim]
     grid = grid.reshape(1, rows * cols, dim).to(pos_embed.dtype)
     return torch.cat([pos_embed[:, :1], grid], dim=1)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,14 +108,16 @@ def anomalies(scores: torch.Tensor, contamination: float) -> torch.Tensor:
     """scores [B,N] -> bool [B,N]: score > the (1 - contamination) quantile (linear interpolation).
 
     torch.quantile's exact arithmetic (rank in fp32, lerp between neighbours), written with sort so
-    it exports. Strict >: when nothing exceeds the quantile nothing is flagged.
+    it exports; the rank is a tensor, so N (the window size) stays dynamic in an exported graph.
+    Strict >: when nothing exceeds the quantile nothing is flagged.
     """
     n = scores.shape[-1]
-    rank = np.float32(1.0 - contamination) * np.float32(n - 1)
-    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    rank = torch.full((), 1.0 - contamination, dtype=torch.float32, device=scores.device) \
+        * torch.full((), n - 1, dtype=torch.float32, device=scores.device)
+    lo, hi = rank.floor(), rank.ceil()
     s = scores.sort(dim=-1).values
-    q = torch.lerp(s[..., lo], s[..., hi], float(rank - np.float32(lo)))
-    return scores > q[..., None]
+    q = torch.lerp(s.index_select(-1, lo.long().view(1)), s.index_select(-1, hi.long().view(1)), rank - lo)
+    return scores > q
 
 
 def norm_anomalies(x: torch.Tensor, k: int = 10) -> torch.Tensor:

@@ -53,13 +53,13 @@ class Pipeline:
     """Shared by every method: region masks, resize, windows, text, batching, stitch, classify, vote."""
 
     def __init__(self, method, text: Callable[[Vocabulary], torch.Tensor], mask_generator=None,
-                 device: torch.device | str = "cpu", max_windows: int = 8, window: int | None = None):
+                 device: torch.device | str = "cpu", max_windows: int = 8, window: dict | None = None):
         self.method = method
         self.text = text
         self.mask_generator = mask_generator
         self.device = torch.device(device)
         self.max_windows = max_windows
-        self.window = window  # exported graphs are built for one window size
+        self.window = window  # an engine bundle's window sizes (its manifest's "window"); None: any
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray], vocab: Vocabulary, settings: Settings,
@@ -131,11 +131,8 @@ class Pipeline:
         logits_of: dict[tuple[int, int], torch.Tensor] = {}
         regions_of: dict[tuple[int, int], torch.Tensor] = {}
         for (h, w), group in by_shape.items():
-            if self.window is not None and (h, w) != (self.window, self.window):
-                raise ValueError(
-                    f"this engine bundle was exported for {self.window}x{self.window} windows, but this image gives "
-                    f"{h}x{w} windows (crop {s.crop}, or an aspect ratio above ~6 that pads windows); use the "
-                    f"torch backend, or re-export with --crop {s.crop}")
+            if self.window is not None:
+                check_window(self.window, h, w, s.crop)
             for start in range(0, len(group), self.max_windows):
                 chunk = group[start:start + self.max_windows]
                 windows = torch.stack([items[i].crops[j] for i, j in chunk])
@@ -153,6 +150,22 @@ class Pipeline:
             regions = torch.stack([regions_of[k] for k in keys]) if regions_of else None
             out.append((torch.stack([logits_of[k] for k in keys]), regions))
         return out
+
+
+def check_window(window: dict, h: int, w: int, crop: int) -> None:
+    """Raises ValueError when a bundle's graphs cannot take h x w windows (`window`: its manifest's "window")."""
+    if not window.get("dynamic"):  # bundles exported before window sizes were dynamic
+        c = window["crop"]
+        if (h, w) != (c, c):
+            raise ValueError(
+                f"this engine bundle takes only {c}x{c} windows (it predates dynamic window sizes), but this image "
+                f"gives {h}x{w} windows (crop {crop}; small images and aspect ratios above ~6 give smaller, padded "
+                "windows); re-export the bundle with this version's corrclip-export, or use the torch backend")
+        return
+    multiple, largest = window["multiple"], window["max"]
+    if h % multiple or w % multiple or max(h, w) > largest:
+        raise ValueError(f"this engine bundle takes windows up to {largest}x{largest} pixels in multiples of "
+                         f"{multiple}, not {h}x{w} (crop {crop}); use a smaller --crop")
 
 
 def paint_window_regions(regions: torch.Tensor, windows: Sequence[Window], input_size: tuple[int, int],

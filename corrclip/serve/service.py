@@ -72,7 +72,7 @@ class SegmentService:
             results = self.segmenter.run([job.image for _, job, _ in members], first.vocab, first.settings,
                                          [job.label_map for _, job, _ in members], return_probs=first.return_probs)
         except (ImageError, VocabularyError, ValueError) as e:
-            # What the pipeline refuses (e.g. a bundle's fixed window size) is the request's problem.
+            # What the pipeline refuses (e.g. a crop beyond a bundle's largest window) is the request's problem.
             return [(k, error_response(str(e))) for k, _, _ in members]
         except Exception as e:
             LOG.exception("segmenting a batch failed")

@@ -5,8 +5,11 @@ UNTESTED: TensorRT cannot be installed on the machines this project is developed
 This follows TensorRT 10's documented Python API (Builder / OnnxParser / optimization profiles /
 execute_async_v3 with tensor addresses).
 
-Optimization profiles come from the manifest: every dynamic axis gets min 1, opt = the size the
-graph was exported with, max = the exporter's upper bound (export/graphs.py AXIS_MAX).
+Optimization profiles come from the manifest (`profile_shapes`): every dynamic axis gets min 1, a
+typical opt (AXIS_OPT) and the exporter's upper bound as max (export/graphs.py AXIS_MAX); the
+window axes (H, W and the grids and token counts derived from them) take their min from a 56 x 56
+window and their opt and max from the bundle's crop x crop window, so one profile is consistent
+across inputs, and the engine's memory is not sized for 2016-pixel windows.
 """
 
 from __future__ import annotations
@@ -17,11 +20,29 @@ from pathlib import Path
 
 import torch
 
-from ...export.graphs import AXIS_MAX
+from ...export.graphs import AXIS_MAX, WINDOW_AXES, window_axes
+from ...runtime.preprocess import PAD_MULTIPLE
 from ..bundle import Bundle, BundleError
 from . import Backend, register
 
 AXIS_OPT = {"B": 2, "R": 64, "Q": 256, "P": 256, "L": 20}
+
+
+def profile_shapes(shape: list, manifest: dict) -> tuple[list[int], list[int], list[int]]:
+    """(min, opt, max) of one input of the manifest (`shape`: sizes and axis symbols)."""
+    patch = manifest["clip"]["patch"]
+    crop = manifest["window"]["crop"]
+    smallest, largest = window_axes(PAD_MULTIPLE, PAD_MULTIPLE, patch), window_axes(crop, crop, patch)
+    bounds = []
+    for d in shape:
+        if not isinstance(d, str):
+            bounds.append((d, d, d))
+        elif d in WINDOW_AXES:
+            bounds.append((smallest[d], largest[d], largest[d]))
+        else:
+            bounds.append((1, AXIS_OPT[d], AXIS_MAX[d]))
+    lo, opt, hi = (list(b) for b in zip(*bounds))
+    return lo, opt, hi
 
 
 def plan_cache_dir() -> Path:
@@ -37,7 +58,7 @@ class TensorRTExecutor:
                               "GPU, or use --backend onnxruntime") from e
         if device.type != "cuda":
             raise BundleError("the TensorRT backend needs a CUDA device (--device cuda)")
-        self.trt, self.device = trt, device
+        self.trt, self.device, self.manifest = trt, device, bundle.manifest
         graph = bundle.graphs[name]
         if any(i["dtype"] == "float64" for i in graph["inputs"]):
             raise BundleError(f"graph {name} takes float64 inputs, which TensorRT does not support; "
@@ -73,11 +94,7 @@ class TensorRTExecutor:
             config.set_flag(trt.BuilderFlag.BF16)
         profile = builder.create_optimization_profile()
         for inp in graph["inputs"]:
-            dims = inp["shape"]
-            lo = [1 if isinstance(d, str) else d for d in dims]
-            opt = [AXIS_OPT[d] if isinstance(d, str) else d for d in dims]
-            hi = [AXIS_MAX[d] if isinstance(d, str) else d for d in dims]
-            profile.set_shape(inp["name"], lo, opt, hi)
+            profile.set_shape(inp["name"], *profile_shapes(inp["shape"], self.manifest))
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
@@ -92,7 +109,10 @@ class TensorRTExecutor:
         for name, a in zip(self.inputs, args, strict=True):
             a = a.to(self.device).contiguous()
             keep.append(a)
-            self.context.set_input_shape(name, tuple(a.shape))
+            if not self.context.set_input_shape(name, tuple(a.shape)):
+                raise BundleError(f"input {name} of shape {tuple(a.shape)} is outside this TensorRT engine's profile "
+                                  f"(windows up to the bundle's crop, {self.manifest['window']['crop']}); use a "
+                                  "smaller --crop or --backend onnxruntime")
             self.context.set_tensor_address(name, a.data_ptr())
         outs = []
         for name in self.outputs:
