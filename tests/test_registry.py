@@ -137,6 +137,8 @@ def test_unknown_names_are_one_line_errors(capsys):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no setting merge_eps"):
         methods.get("sc-clip").settings(None, merge_eps=0.3)
+    with pytest.raises(ValueError, match="stride 336 is larger than the crop 224"):
+        methods.get("cliptrase").settings("voc21", crop=224)
 
 
 def test_backend_without_float64_falls_back_for_sam_decoder(toy):

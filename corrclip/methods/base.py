@@ -52,7 +52,11 @@ class Method:
         unknown = sorted(k for k, v in overrides.items() if v is not None and k not in fields)
         if unknown:
             raise ValueError(f"{self.name} has no setting {', '.join(unknown)}; it has {', '.join(sorted(fields))}")
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        s = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if s.stride > s.crop:
+            raise ValueError(f"stride {s.stride} is larger than the crop {s.crop}: some pixels would lie in no "
+                             "window; use a stride no larger than the crop")
+        return s
 
     def clip_weights(self, backbone: str, weights: str | None, clip_weights: str | None) -> str | None:
         """The CLIP weights to build: the user's choice, else OpenAI's for methods whose research code uses them."""
