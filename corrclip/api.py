@@ -18,6 +18,7 @@ import open_clip
 import torch
 
 from . import methods, presets
+from . import precision as precision_modes
 from .engine.bundle import Bundle
 from .models.clip import ClipText
 from .runtime.image_io import decode_image
@@ -49,15 +50,20 @@ class Segmenter:
     dino_weights and sam_weights override one model each (a tag or a local file). sam="none"
     builds no mask generator: every call then needs label maps. text_cache: a folder for the text
     embeddings' disk cache (default $CORRCLIP_CACHE/text or ~/.cache/corrclip/text), or False for none.
+    precision: "fp32" (the exact reference, default), "bf16", "fp16" or "auto" (corrclip/precision.py:
+    the fastest mix within the research code's own rounding on this hardware); `self.plan` says what runs.
     """
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
                  amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip",
-                 text_cache: str | os.PathLike | bool = True):
+                 text_cache: str | os.PathLike | bool = True, precision: str = "fp32"):
+        from .models.half import AtPrecision, lower_stages
+
         self.device = torch.device(device) if device is not None else default_device()
         self.bundle: Bundle | None = None
         self.backend = "torch"
+        self.plan = plan = precision_modes.resolve(precision, self.device)
         spec = methods.get(method)
         models = methods.build_models(spec, backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
                                       sam_weights=sam_weights, sam=sam, device=self.device)
@@ -67,11 +73,19 @@ class Segmenter:
             from .runtime.amg import AmgSettings, MaskGenerator
 
             masks = MaskGenerator.from_sam(models.sam, amg or AmgSettings())
+            if plan.fused_attention:
+                masks.encoder = _fused_sam_encoder(masks.encoder)
+            if plan.name("sam_encoder") != "fp32":
+                masks.encoder = AtPrecision(masks.encoder, plan.dtype("sam_encoder"))
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
         tower, local = models.identity["clip"], models.weight_files.get(clip_weights or "")
-        text = TextEmbedder(ClipText(models.clip), tokenizer, self.device,
-                            identity=f"{tower}#{local}" if local else tower, cache=_text_cache(text_cache))
+        text_tower = ClipText(models.clip)
+        if plan.name("clip_text") != "fp32":
+            text_tower = AtPrecision(text_tower, plan.dtype("clip_text"))
+        text = TextEmbedder(text_tower, tokenizer, self.device, identity=f"{tower}#{local}" if local else tower,
+                            cache=_text_cache(text_cache), variant=plan.name("clip_text"))
         encoder = spec.build_encoder(models, self.device)
+        encoder.stages = lower_stages(encoder, encoder.stages, plan)
         self.pipeline = Pipeline(encoder, text, masks, self.device, max_windows)
 
     @classmethod
@@ -79,18 +93,22 @@ class Segmenter:
                     device: str | torch.device | None = None, amg=None, max_windows: int = 8,
                     precision: str = "fp32", text_cache: str | os.PathLike | bool = True) -> Segmenter:
         """An engine bundle from corrclip-export, its graphs run by `backend` (corrclip.engine.backends):
-        no model code in the loop. `precision` reaches backends that choose it at load time (OpenVINO)."""
+        no model code in the loop. `precision`: the bundle's own (fp32, auto) or, on OpenVINO, the inference
+        precision it picks at load time (corrclip.precision.bundle_plan)."""
         from .engine.backends import make_executor
         from .engine.bundle import load_bundle
 
         self = cls.__new__(cls)
         self.device = torch.device(device) if device is not None else default_device()
         bundle = self.bundle = load_bundle(path)
+        # What runs is the bundle's export precision (OpenVINO may lower it further at load time).
+        exported = {name: g.get("precision", "fp32") for name, g in bundle.graphs.items()}
+        self.plan = plan = precision_modes.bundle_plan(precision, exported, self.device, backend)
         self.backend = backend
         mf = bundle.manifest
         spec = methods.get(mf["method"])
         self.method, self.backbone, self.identity = spec.name, presets.backbone(mf["backbone"]), dict(mf["weights"])
-        run = {name: make_executor(bundle, name, backend, self.device, precision) for name in bundle.graphs}
+        run = {name: make_executor(bundle, name, backend, self.device, plan.name(name)) for name in bundle.graphs}
         masks = None
         if "sam_encoder" in run:
             from .runtime.amg import AmgSettings, MaskGenerator, SharedStages
@@ -173,6 +191,17 @@ class Segmenter:
         if masks is not None and len(masks) != len(decoded):
             raise ValueError(f"got {len(masks)} label maps for {len(decoded)} images")
         return self.run(decoded, vocab, settings, masks, return_probs=return_probs)
+
+
+def _fused_sam_encoder(encoder):
+    """A copy of SAM's encoder whose attention runs fused (models/sam_attention.py); the reference is untouched."""
+    import copy
+
+    from .models.sam_attention import fuse_sam_attention
+
+    fused = copy.deepcopy(encoder)
+    fuse_sam_attention(fused.image_encoder)
+    return fused
 
 
 def _text_cache(choice: str | os.PathLike | bool) -> TextCache | None:

@@ -44,8 +44,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     vocab = p.add_mutually_exclusive_group()
     vocab.add_argument("--preset", default=None, help="benchmark classes and settings (e.g. voc21, ade20k)")
     vocab.add_argument("--classes", type=int, default=None, help="K synthetic class names")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="torch backend: autocast dtype on CUDA (fp32 = none)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-flops", action="store_true", help="skip the extra FLOP-counting run")
@@ -115,13 +113,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         vocab = benchmark_vocabulary(args.preset or "voc21")
     settings = seg.settings_for(args.preset if args.preset in BENCHMARKS else None)
-    autocast = (torch.autocast("cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision])
-                if args.precision != "fp32" and device.type == "cuda" else None)
     batches = [images[i: i + args.batch] for i in range(0, len(images), args.batch)]
 
     def call(batch, count_flops=False):
-        ctx = autocast if autocast is not None else torch.inference_mode()
-        with ctx:
+        with torch.inference_mode():
             return seg.run(batch, vocab, settings, count_flops=count_flops)
 
     if device.type == "cuda":
@@ -159,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "backend": backend, "method": seg.method, "engine": str(args.engine) if args.engine else None,
-        "backbone": seg.backbone.name, "weights": seg.identity, "batch": args.batch, "image_sizes": [
+        "backbone": seg.backbone.name, "weights": seg.identity, "precision": seg.plan.describe(),
+        "batch": args.batch, "image_sizes": [
             list(im.shape[:2]) for im in images], "queries": vocab.num_queries, "classes": vocab.num_classes,
         "points_per_side": seg.amg.points_per_side if seg.amg is not None else None, "warmup": args.warmup,
         "runs": args.runs, "amg": dataclasses.asdict(seg.amg) if seg.amg is not None else None,
@@ -186,6 +182,8 @@ def print_report(r: dict) -> None:
         sam += f" ({r['amg']['decoder']} decoder)"
     print(f"\n{r['backbone']} / {r['method']} / {r['backend']} on {r['device']}: batch {r['batch']}, "
           f"{r['queries']} queries, {sam}, {r['runs']} runs")
+    p = r["precision"]
+    print(f"precision {p['requested']} -> {p['resolved']} ({p['reason']})")
     print(f"{'stage':<24}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'GFLOP':>10}{'floor ms':>10}")
     for k, v in r["stages_ms"].items():
         floor = max(v.get("floor_ms_compute", 0.0), v.get("floor_ms_bytes", 0.0))

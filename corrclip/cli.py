@@ -128,7 +128,7 @@ def _segment(args: argparse.Namespace) -> int:
                                {"file": str(path), "backbone": seg.backbone.name, "weights": seg.identity,
                                 "engine": str(args.engine) if args.engine else None, "backend": seg.backend,
                                 "method": seg.method, "random_weights": seg.random_weights,
-                                "settings": settings.__dict__})
+                                "precision": seg.plan.describe(), "settings": settings.__dict__})
         except Exception as e:  # noqa: BLE001 - one image's failure, whatever it is, must not lose the others
             # ImageError messages already start with the file they are about (the image or its label map).
             known = isinstance(e, (ImageError, ValueError, OSError))

@@ -49,6 +49,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what runs the graphs: " + "; ".join(f"{b}: {backends.get(b).summary}"
                                                              for b in backends.names())
                    + f" (default: {backends.TORCH} without --engine, onnxruntime with it)")
+    add_precision_arg(g)
+
+
+def add_precision_arg(g) -> None:
+    from .precision import MODES
+
+    g.add_argument("--precision", choices=MODES, default="fp32",
+                   help="fp32: the exact reference (default); bf16/fp16: the encoders in half precision, every "
+                        "decision in fp32; auto: the fastest mix within the research code's own rounding on this "
+                        "hardware (bf16 on AMX/AVX512-BF16 CPUs, fp16 on CUDA, fp32 + fused attention elsewhere). "
+                        "Bundles run at their export precision; OpenVINO picks it at load time")
 
 
 def add_amg_args(p: argparse.ArgumentParser) -> None:
@@ -114,13 +125,13 @@ def build_segmenter(args: argparse.Namespace, *, masks_given: bool = False):
             raise UsageError("--backend torch runs the models themselves: drop --engine, or pick a bundle backend "
                              f"({', '.join(backends.names())})")
         return Segmenter.from_bundle(args.engine, backend, device=args.device, amg=amg_settings(args),
-                                     text_cache=text_cache(args))
+                                     text_cache=text_cache(args), precision=getattr(args, "precision", "fp32"))
     if backend != backends.TORCH:
         raise UsageError(f"--backend {backend} runs an exported bundle: add --engine DIR (corrclip-export makes one)")
     sam = "none" if masks_given and not args.sam else args.sam
     return Segmenter(args.backbone, args.weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
                      sam_weights=args.sam_weights, sam=sam, amg=amg_settings(args), device=args.device,
-                     method=args.method, text_cache=text_cache(args))
+                     method=args.method, text_cache=text_cache(args), precision=getattr(args, "precision", "fp32"))
 
 
 def warn_if_random(seg) -> None:

@@ -161,4 +161,7 @@ class DinoFeatures(nn.Module):
         qkv = last.attn.qkv(last.norm1(x))  # [B, 1+n, 3C]: q, k, v with heads concatenated, unscaled
         c = self.embed_dim
         feats = qkv[..., :c] + qkv[..., c:2 * c]
+        if feats.dtype in (torch.float16, torch.bfloat16):
+            # Region merging and the scope rule decide on these: normalize in fp32 (corrclip/precision.py).
+            feats = feats.float()
         return F.normalize(feats[:, 1:], dim=-1)
