@@ -252,10 +252,15 @@ def test_dense_matches_literal(clip12):
         assert not torch.allclose(other, got, atol=1e-4)
 
 
-def test_export_dynamic_batch_and_window(clip12):
+def test_export_dynamic_batch_and_window(clip12, monkeypatch):
     """Batch and window sides dynamic: no Python branch on the token count (LOF's k, the quantile's rank)
     freezes the example's size; exported at 224 x 336, run at other sizes, square and not, down to 21 tokens
-    (fewer than LOF's k + 1)."""
+    (fewer than LOF's k + 1). Eager runs the graph's own form of the positional-embedding resize: the two
+    forms agree to ~1e-6, which is enough to flip SC-CLIP's outlier choice on 21 tokens (a decision, covered
+    by the bundle parity check's flip allowance); here the question is only whether a shape froze."""
+    import corrclip.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "interpolate_pos_embed_clip", clip_module.pos_embed_for_export)
     torch.manual_seed(2)
     model = ScClipDense(clip12.visual).eval()
     windows = torch.randn(2, 3, 224, 336)
