@@ -196,6 +196,13 @@ def run_config(paths: dict[str, tuple[Runner, bool]], research: ResearchStylePat
         result["speedup_vs_research"] = round(ref["total_ms"]["p50"] / result["total_ms"]["p50"], 3)
         same = [np.mean(a == b) for a, b in zip(result["labels"], ref["labels"])]
         result["agreement_vs_research"] = round(float(np.mean(same)), 6)
+    ours = config["paths"].get("torch", {})
+    for result in config["paths"].values():  # every path against our exact fp32 reference, same inputs
+        if "error" in result or "total_ms" not in ours:
+            continue
+        result["speedup_vs_torch_fp32"] = round(ours["total_ms"]["p50"] / result["total_ms"]["p50"], 3)
+        same = [np.mean(a == b) for a, b in zip(result["labels"], ours["labels"])]
+        result["agreement_vs_torch_fp32"] = round(float(np.mean(same)), 6)
     for result in config["paths"].values():
         result.pop("labels", None)
     return config
@@ -218,21 +225,24 @@ def markdown(report: dict) -> str:
              f"{report['date']}, backbone **{a['backbone']}** ({a['weights']} weights), device {a['device']}, "
              f"warm-up {a['warmup']}, runs {a['runs']}, batch {a['batch']}; torch {report['machine']['torch']}.",
              "Times in ms (p50, and p90 for the total); speedup = research-style total p50 / path total p50 "
-             "(same run); agreement = share of pixels with the research-style path's labels.", "",
+             "(same run); agreement = share of pixels with the research-style path's labels; vs fp32 = speedup and "
+             "label agreement against our exact fp32 torch path.", "",
              "| workload | masks | path | total p50 | total p90 | speedup | img/s | "
-             + " | ".join(BAR_STAGES) + " | agreement |",
-             "|" + "---|" * (8 + len(BAR_STAGES))]
+             + " | ".join(BAR_STAGES) + " | agreement | vs fp32 |",
+             "|" + "---|" * (9 + len(BAR_STAGES))]
     for c in report["results"]:
         for path, r in c["paths"].items():
             masks = f"SAM {c['points_per_side']}x{c['points_per_side']}" if c["points_per_side"] else c["masks"]
             head = f"| {c['workload']} {c['image_hw'][1]}x{c['image_hw'][0]} | {masks} | {path} |"
             if "error" in r:
-                lines.append(f"{head} error: {r['error'][:120]} |" + " |" * (4 + len(BAR_STAGES)))
+                lines.append(f"{head} error: {r['error'][:120]} |" + " |" * (5 + len(BAR_STAGES)))
                 continue
             stages = " | ".join(f"{r['stages_ms'][k]['p50']:.0f}" for k in BAR_STAGES)
             lines.append(f"{head} {r['total_ms']['p50']:.0f} | {r['total_ms']['p90']:.0f} | "
                          f"{r.get('speedup_vs_research', float('nan')):.2f}x | {r['images_per_s']:.3g} | {stages} | "
-                         f"{100 * r.get('agreement_vs_research', float('nan')):.2f}% |")
+                         f"{100 * r.get('agreement_vs_research', float('nan')):.2f}% | "
+                         f"{r.get('speedup_vs_torch_fp32', float('nan')):.2f}x, "
+                         f"{100 * r.get('agreement_vs_torch_fp32', float('nan')):.2f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=1, help="images per call (our paths batch them; research loops)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32",
+                   help="comma list of --precision modes for our torch path (fp32 is 'torch', others 'torch-MODE')")
     p.add_argument("--engine", help="an exported bundle folder: adds its backends as paths")
     p.add_argument("--backends", default="onnxruntime,aoti", help="bundle backends to run with --engine")
     p.add_argument("--name", default=None, help="output file stem (default: <device>_<backbone>)")
@@ -338,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"building models ({args.backbone}, {args.weights}) on {device} ...", flush=True)
     research = ResearchStylePath(build_models(args.backbone, args.weights, device=device), device, points[0])
-    segs = {"torch": Segmenter(args.backbone, args.weights, device=device, amg=AmgSettings(points_per_side=points[0]))}
+    segs = {}
+    for mode in [m.strip() for m in args.precision.split(",") if m.strip()]:
+        key = "torch" if mode == "fp32" else f"torch-{mode}"
+        segs[key] = Segmenter(args.backbone, args.weights, device=device, precision=mode,
+                              amg=AmgSettings(points_per_side=points[0]))
+        print(f"  {key}: {segs[key].plan.summary()} ({segs[key].plan.reason})", flush=True)
     errors = {}
     if args.engine:
         for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:

@@ -16,7 +16,7 @@ def test_harness_writes_report(tmp_path):
         sys.path.insert(0, str(BENCHMARKS))
     harness = importlib.import_module("harness")
     rc = harness.main(["--backbone", "tiny", "--workloads", "tiny", "--points", "4", "--runs", "1", "--warmup", "0",
-                       "--device", "cpu", "--name", "t", "--out", str(tmp_path)])
+                       "--device", "cpu", "--name", "t", "--out", str(tmp_path), "--precision", "fp32,bf16"])
     assert rc == 0
     report = json.loads((tmp_path / "t.json").read_text())
     (config,) = report["results"]
@@ -39,6 +39,11 @@ def test_harness_writes_report(tmp_path):
         assert path["speedup_vs_research"] == pytest.approx(research / total, abs=1e-3)
         assert path["agreement_vs_research"] > 0.99  # same models, same masks
         assert f"| tiny 128x96 | SAM 4x4 | {name} | {total:.0f} |" in table
+    fast = config["paths"]["torch-bf16"]
+    assert "error" not in fast and config["paths"]["torch"]["agreement_vs_torch_fp32"] == 1.0
+    assert fast["speedup_vs_torch_fp32"] == pytest.approx(config["paths"]["torch"]["total_ms"]["p50"]
+                                                          / fast["total_ms"]["p50"], abs=1e-3)
+    assert 0.5 < fast["agreement_vs_torch_fp32"] <= 1.0
     assert config["paths"]["research"]["speedup_vs_research"] == 1.0
     assert config["paths"]["research"]["agreement_vs_research"] == 1.0
     with Image.open(tmp_path / "t.png") as img:
