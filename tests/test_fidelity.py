@@ -27,12 +27,17 @@ harness = importlib.import_module("harness")
 research_style = importlib.import_module("research_style")
 
 VOCAB = "sky; cloud, road, car, tree, person"
-HW = (120, 160)
+HW = (112, 112)  # one 336 x 336 window after resizing
 
 
 @pytest.fixture(scope="module")
 def inputs():
     return harness.synthetic_image(*HW, 0), harness.synthetic_label_map(*HW, 30, 0)
+
+
+@pytest.fixture(scope="module")
+def research_fp32(inputs):
+    return research_run("fp32", inputs)
 
 
 def research_run(precision, inputs):
@@ -53,9 +58,9 @@ def test_research_default_stays_fp32_on_cpu():
         research_style.ResearchStylePath(build_models("tiny", "random", sam="none"), precision="int8")
 
 
-@pytest.mark.parametrize("precision,max_dprob,min_agree", [("fp16", 1e-2, 0.99), ("bf16", 0.6, 0.9)])
-def test_research_half_differs_a_little(inputs, precision, max_dprob, min_agree):
-    _, ref_labels, ref_probs = research_run("fp32", inputs)
+@pytest.mark.parametrize("precision,max_dprob,min_agree", [("fp16", 5e-3, 0.995), ("bf16", 0.1, 0.9)])
+def test_research_half_differs_a_little(inputs, research_fp32, precision, max_dprob, min_agree):
+    _, ref_labels, ref_probs = research_fp32
     path, labels, probs = research_run(precision, inputs)
     dtype = research_style.RESEARCH_DTYPES[precision]
     assert path.dino.blocks[0].attn.qkv.weight.dtype == dtype  # weights, not only activations
