@@ -321,9 +321,10 @@ def markdown(report: dict) -> str:
              f"Research-style half precision: **{report['research_precision']}**.", "",
              "Label shares are of all pixels of all images, against our fp32 reference (Segmenter precision fp32); "
              "stage errors are max |out - ref| / max |ref| on identical inputs (research paths: against the research "
-             "fp32 path). Budget = research half vs research fp32.", "",
+             "fp32 path). Budget = research half vs research fp32. run s: this path's wall seconds here, build and "
+             "text included, stage outputs shared with earlier paths where inputs match: not a speed figure.", "",
              "| path | plan | final labels differ | before vote differ | max abs dprob | "
-             + " | ".join(f"{s} rel err" for s in stages) + " | s |",
+             + " | ".join(f"{s} rel err" for s in stages) + " | run s |",
              "|" + "---|" * (6 + len(stages))]
     for name, r in report["paths"].items():
         if "error" in r:
@@ -445,6 +446,9 @@ def measure(args) -> dict:
     if args.masks == "sam":
         counts = {n: r.get("regions_per_image") for n, r in rows.items() if "regions_per_image" in r}
         report["notes"].append(f"SAM label-map ids per image (0 = unsegmented included): {counts}")
+        if counts and all(c <= 2 for v in counts.values() for c in v):
+            report["notes"].append("SAM found (almost) no masks: the label maps are ~all unsegmented, the vote "
+                                   "does ~nothing and merging has nothing to merge; use --masks synthetic")
     report["verdicts"] = verdicts(report)
     return report
 
