@@ -306,7 +306,8 @@ def verdicts(report: dict) -> list[str]:
         ok = a["final_diff"] <= budget["final_diff"] and a["prevote_diff"] <= budget["prevote_diff"]
         lines.append(f"{name}: {'within' if ok else 'OVER'} budget (final {100 * a['final_diff']:.3f}% vs "
                      f"{100 * budget['final_diff']:.3f}%, before vote {100 * a['prevote_diff']:.3f}% vs "
-                     f"{100 * budget['prevote_diff']:.3f}%)")
+                     f"{100 * budget['prevote_diff']:.3f}%; max abs dprob {a['max_dprob']:.2e} = "
+                     f"{a['max_dprob'] / max(budget['max_dprob'], 1e-12):.1f}x the budget's)")
     return lines
 
 
