@@ -10,7 +10,7 @@ differs. What makes it "research style" (corrclip.md §1 and §7, "sources of la
   * the scope matrix as an OR of one N x N outer product per region;
   * the CLIP trunk on R + 1 + n tokens with one joint bool mask through nn.MultiheadAttention;
   * the vote as one torch.mode per mask in a Python loop, at full resolution;
-  * fp16 CLIP and DINO on CUDA (fp32 on the CPU), and torch.cuda.empty_cache() after every image.
+  * fp16 CLIP and DINO on CUDA (fp32 on the CPU; `precision` chooses), torch.cuda.empty_cache() after every image.
 
 Stages are timed with the engine's stage names so the two paths compare stage by stage:
   regions     = window map on the DINO grid, region means, DBSCAN, relabelling, CLIP-grid map;
@@ -102,21 +102,52 @@ def _nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
+RESEARCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision(device: torch.device | str) -> str:
+    """"fp16" where torch runs fp16 matrix work on the device (every CUDA GPU; CPUs where a small fp16
+    matmul runs: recent torch emulates it through fp32 where no fp16 units exist), else "bf16"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "fp16"
+    try:
+        a = torch.ones(4, 4, dtype=torch.float16, device=device)
+        ok = bool(torch.isfinite(a @ a).all()) and float((a @ a)[0, 0]) == 4.0
+    except RuntimeError:  # "addmm not implemented for 'Half'" on older CPU builds
+        ok = False
+    return "fp16" if ok else "bf16"
+
+
 class ResearchStylePath:
     """segment(image, vocab, settings, label_map=None) -> (labels [H0, W0], seconds per stage).
 
-    On CUDA the given models are converted to fp16 in place (CLIP as open_clip's precision="fp16",
-    DINO entirely), as the research code loads them; SAM stays fp32 so the masks match our path's.
+    precision: "fp32", "fp16", "bf16", "half" (fp16 where torch runs fp16 matrix work on the device,
+    else bf16: `half_precision`), or None: the research code's own choice, fp16 on CUDA and fp32 on
+    the CPU. In half precision the given models are converted in place (CLIP as open_clip's
+    precision="fp16"/"bf16", its LayerNorms kept fp32; DINO entirely), as the research code loads
+    them, and every activation follows; SAM stays fp32 so the masks match our path's.
+    keep_probs: keep the last image's class probabilities before the vote in `last_probs` ([C, H0, W0]).
     """
 
-    def __init__(self, models: Models, device: torch.device | str = "cpu", points_per_side: int = 32):
+    def __init__(self, models: Models, device: torch.device | str = "cpu", points_per_side: int = 32,
+                 precision: str | None = None, keep_probs: bool = False):
         self.device = torch.device(device)
-        self.half = self.device.type == "cuda"  # the research code runs CLIP and DINO in fp16 on the GPU
-        self.dtype = torch.float16 if self.half else torch.float32
+        if precision is None:  # the research code runs CLIP and DINO in fp16 on the GPU
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision == "half":
+            precision = half_precision(self.device)
+        if precision not in RESEARCH_DTYPES:
+            raise ValueError(f"precision must be fp32, fp16, bf16 or half, not {precision!r}")
+        self.precision = precision
+        self.dtype = RESEARCH_DTYPES[precision]
+        self.half = self.dtype != torch.float32
+        self.keep_probs, self.last_probs = keep_probs, None
         self.clip, self.dino, self.sam = models.clip, models.dino, models.sam
         if self.half:
-            open_clip.model.convert_weights_to_lp(self.clip)  # LayerNorms stay fp32, as create_model(precision=fp16)
-            self.dino.half()
+            # LayerNorms stay fp32, as create_model(precision="fp16"); "bf16" is open_clip's pure_bf16 analogue
+            open_clip.model.convert_weights_to_lp(self.clip, self.dtype)
+            self.dino.to(self.dtype)
         self.visual = self.clip.visual
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
         self._text: dict[str, torch.Tensor] = {}
@@ -204,7 +235,7 @@ class ResearchStylePath:
                     count[:, y1:y2, x1:x2] += 1
         with timer("stitch_vote"):
             labels = self._classify_and_vote(preds / count, original, vocab, s)
-            if self.half:
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return labels.cpu().numpy().astype(np.int32), dict(timer.seconds)
 
@@ -217,6 +248,8 @@ class ResearchStylePath:
             if any(len(names) > 1 for names in vocab.classes[1:]):
                 raise ValueError("the research code merges synonyms of the first class only")
             prob = torch.cat([prob[: q - c + 1].max(0, keepdim=True)[0], prob[q - c + 1:]])
+        if self.keep_probs:
+            self.last_probs = prob
         pred = prob.argmax(0)
         pred[prob.max(0)[0] < s.prob_thd] = 0
         # Map correction: every mask but the smallest id takes the mode of its pixels.

@@ -52,18 +52,21 @@ class Segmenter:
     embeddings' disk cache (default $CORRCLIP_CACHE/text or ~/.cache/corrclip/text), or False for none.
     precision: "fp32" (the exact reference, default), "bf16", "fp16" or "auto" (corrclip/precision.py:
     the fastest mix within the research code's own rounding on this hardware); `self.plan` says what runs.
+    plan: an explicit corrclip.precision.Plan instead of `precision` (one stage lowered at a time, for
+    benchmarks/fidelity.py's measurements).
     """
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
                  amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip",
-                 text_cache: str | os.PathLike | bool = True, precision: str = "fp32"):
+                 text_cache: str | os.PathLike | bool = True, precision: str = "fp32",
+                 plan: precision_modes.Plan | None = None):
         from .models.half import AtPrecision, lower_stages
 
         self.device = torch.device(device) if device is not None else default_device()
         self.bundle: Bundle | None = None
         self.backend = "torch"
-        self.plan = plan = precision_modes.resolve(precision, self.device)
+        self.plan = plan = plan or precision_modes.resolve(precision, self.device)
         spec = methods.get(method)
         models = methods.build_models(spec, backbone, weights, clip_weights=clip_weights, dino_weights=dino_weights,
                                       sam_weights=sam_weights, sam=sam, device=self.device)
