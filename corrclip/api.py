@@ -104,6 +104,7 @@ class Segmenter:
         """An engine bundle from corrclip-export, its graphs run by `backend` (corrclip.engine.backends):
         no model code in the loop. `precision`: the bundle's own (fp32, auto) or, on OpenVINO, the inference
         precision it picks at load time (corrclip.precision.bundle_plan)."""
+        from .engine import backends
         from .engine.backends import make_executor
         from .engine.bundle import load_bundle
 
@@ -113,7 +114,8 @@ class Segmenter:
         self.compiled = False  # a bundle's graphs are compiled when exported
         # What runs is the bundle's export precision (OpenVINO may lower it further at load time).
         exported = {name: g.get("precision", "fp32") for name, g in bundle.graphs.items()}
-        self.plan = plan = precision_modes.bundle_plan(precision, exported, self.device, backend)
+        self.plan = plan = precision_modes.bundle_plan(precision, exported, self.device, backend,
+                                                       backends.get(backend).native_precision)
         self.backend = backend
         mf = bundle.manifest
         spec = methods.get(mf["method"])
