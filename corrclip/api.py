@@ -54,13 +54,17 @@ class Segmenter:
     the fastest mix within the research code's own rounding on this hardware); `self.plan` says what runs.
     plan: an explicit corrclip.precision.Plan instead of `precision` (one stage lowered at a time, for
     benchmarks/fidelity.py's measurements).
+    compile: run the encoder stages (DINO, CLIP trunk, SAM encoder, dense CLIP) through torch.compile, at
+    the plan's precision (models/compiled.py); the calls that compile report their time apart, as timings
+    "compile.<stage>", and eager runs on (after a one-line warning) where compiling fails.
     """
 
     def __init__(self, backbone: str = "vit_b", weights: str | None = None, *, clip_weights: str | None = None,
                  dino_weights: str | None = None, sam_weights: str | None = None, sam: str | None = None,
                  amg=None, device: str | torch.device | None = None, max_windows: int = 8, method: str = "corrclip",
                  text_cache: str | os.PathLike | bool = True, precision: str = "fp32",
-                 plan: precision_modes.Plan | None = None):
+                 plan: precision_modes.Plan | None = None, compile: bool = False):
+        from .models.compiled import Compiled, compile_stages
         from .models.half import AtPrecision, lower_stages
 
         self.device = torch.device(device) if device is not None else default_device()
@@ -80,6 +84,8 @@ class Segmenter:
                 masks.encoder = _fused_sam_encoder(masks.encoder)
             if plan.name("sam_encoder") != "fp32":
                 masks.encoder = AtPrecision(masks.encoder, plan.dtype("sam_encoder"))
+            if compile:
+                masks.encoder = Compiled(masks.encoder, "sam_encoder", self.device)
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)
         tower, local = models.identity["clip"], models.weight_files.get(clip_weights or "")
         text_tower = ClipText(models.clip)
@@ -89,6 +95,9 @@ class Segmenter:
                             cache=_text_cache(text_cache), variant=plan.name("clip_text"))
         encoder = spec.build_encoder(models, self.device)
         encoder.stages = lower_stages(encoder, encoder.stages, plan)
+        if compile:
+            encoder.stages = compile_stages(encoder, encoder.stages, self.device)
+        self.compiled = compile
         self.pipeline = Pipeline(encoder, text, masks, self.device, max_windows)
 
     @classmethod
@@ -98,15 +107,18 @@ class Segmenter:
         """An engine bundle from corrclip-export, its graphs run by `backend` (corrclip.engine.backends):
         no model code in the loop. `precision`: the bundle's own (fp32, auto) or, on OpenVINO, the inference
         precision it picks at load time (corrclip.precision.bundle_plan)."""
+        from .engine import backends
         from .engine.backends import make_executor
         from .engine.bundle import load_bundle
 
         self = cls.__new__(cls)
         self.device = torch.device(device) if device is not None else default_device()
         bundle = self.bundle = load_bundle(path)
+        self.compiled = False  # a bundle's graphs are compiled when exported
         # What runs is the bundle's export precision (OpenVINO may lower it further at load time).
         exported = {name: g.get("precision", "fp32") for name, g in bundle.graphs.items()}
-        self.plan = plan = precision_modes.bundle_plan(precision, exported, self.device, backend)
+        self.plan = plan = precision_modes.bundle_plan(precision, exported, self.device, backend,
+                                                       backends.get(backend).native_precision)
         self.backend = backend
         mf = bundle.manifest
         spec = methods.get(mf["method"])
@@ -171,7 +183,12 @@ class Segmenter:
             count_flops: bool = False) -> list[Segmentation]:
         """Decoded RGB uint8 images -> one Segmentation each (labels, names, optional probs, stage timings).
         The call the CLI, bench, eval and serve use; `segment` is the convenient front door."""
-        return self.pipeline(images, vocab, settings, label_maps, return_probs=return_probs, count_flops=count_flops)
+        results = self.pipeline(images, vocab, settings, label_maps, return_probs=return_probs, count_flops=count_flops)
+        if self.compiled:
+            from .models.compiled import set_aside_compile_time
+
+            set_aside_compile_time([r.timings for r in results], self.stages.values())
+        return results
 
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Sequence[str] | Vocabulary | None = None,
                 *, preset: str | None = None, masks: np.ndarray | Sequence[np.ndarray | None] | None = None,

@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                                              for b in backends.names())
                    + f" (default: {backends.TORCH} without --engine, onnxruntime with it)")
     add_precision_arg(g)
+    g.add_argument("--compile", action="store_true",
+                   help="torch backend: run the encoders (DINO, CLIP trunk, SAM encoder) through torch.compile at the "
+                        "chosen precision; the first calls' compile time is reported apart (timings compile.<stage>)")
 
 
 def add_precision_arg(g) -> None:
@@ -124,6 +127,9 @@ def build_segmenter(args: argparse.Namespace, *, masks_given: bool = False):
         if backend == backends.TORCH:
             raise UsageError("--backend torch runs the models themselves: drop --engine, or pick a bundle backend "
                              f"({', '.join(backends.names())})")
+        if getattr(args, "compile", False):
+            raise UsageError("--compile compiles the torch models; a bundle's graphs were compiled when exported "
+                             "(corrclip-export --format aoti): drop --compile or --engine")
         return Segmenter.from_bundle(args.engine, backend, device=args.device, amg=amg_settings(args),
                                      text_cache=text_cache(args), precision=getattr(args, "precision", "fp32"))
     if backend != backends.TORCH:
@@ -131,7 +137,8 @@ def build_segmenter(args: argparse.Namespace, *, masks_given: bool = False):
     sam = "none" if masks_given and not args.sam else args.sam
     return Segmenter(args.backbone, args.weights, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
                      sam_weights=args.sam_weights, sam=sam, amg=amg_settings(args), device=args.device,
-                     method=args.method, text_cache=text_cache(args), precision=getattr(args, "precision", "fp32"))
+                     method=args.method, text_cache=text_cache(args), precision=getattr(args, "precision", "fp32"),
+                     compile=getattr(args, "compile", False))
 
 
 def warn_if_random(seg) -> None:

@@ -16,6 +16,7 @@ both against our fp32 reference on the same inputs (benchmarks/RESULTS.md, "Fide
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -144,25 +145,57 @@ def resolve(mode: str | None, device: torch.device | str, hardware: Hardware | N
 
 
 def bundle_plan(mode: str | None, graph_precision: dict[str, str], device: torch.device | str,
-                backend: str) -> Plan:
+                backend: str, native: Callable[[str], bool] | None = None) -> Plan:
     """The Plan for an engine bundle. Its graphs run at the precision they were exported in
-    (`graph_precision`: graph name -> "fp32" | "bf16" | "fp16"), except on OpenVINO, which picks the
-    inference precision of fp32 graphs at load time: `auto` there lowers the encoder graphs to bf16 where
-    the CPU has bf16 units, and the decision graphs (correlation head, SAM prompts) stay fp32."""
+    (`graph_precision`: graph name -> "fp32" | "bf16" | "fp16"), except on a backend that picks the inference
+    precision of fp32 graphs at load time (OpenVINO): `native` says which precisions it runs natively on this
+    device (OpenVINO's CPU OPTIMIZATION_CAPABILITIES). There `auto` lowers SAM's encoder graph
+    (AUTO_BF16_STAGES) to bf16 where the CPU has it, bf16/fp16 lower every encoder graph where the CPU
+    has that precision, and anything the CPU lacks falls back to fp32 (emulated half precision would be
+    slower), saying so in the reason. The
+    decision graphs (correlation head, SAM prompts) stay fp32 throughout."""
     mode = mode or "fp32"
     if mode not in MODES:
         raise PrecisionError(f"unknown precision {mode!r}; choose one of {', '.join(MODES)}")
     hw = detect(device)
     stages = {s: graph_precision.get(s, "fp32") for s in ENCODERS}
     exported = sorted({v for v in graph_precision.values() if v != "fp32"}) or ["fp32"]
-    if backend == "openvino" and exported == ["fp32"]:
-        want = ("bf16" if hw.bf16 else "fp32") if mode == "auto" else mode
+    if native is not None and exported == ["fp32"]:
+        asked = "bf16" if mode == "auto" else mode
+        want = asked if asked == "fp32" or native(asked) else "fp32"
         lowered = AUTO_BF16_STAGES if mode == "auto" else ENCODERS
         stages = {s: (want if s in lowered else "fp32") for s in ENCODERS}
-        why = f"OpenVINO inference precision {want}" + (" (bf16 units found)" if hw.bf16 and want == "bf16" else "")
+        why = f"{backend} inference precision {want}"
+        if want != asked:
+            why += f": {backend} lists no native {asked} on {hw.name}, so fp32 (emulated {asked} would be slower)"
+        elif want != "fp32":
+            why += f" ({backend} runs {want} natively on {hw.name}; decision graphs fp32)"
         return Plan(mode, stages, False, why, hw)
     if mode not in ("auto", *exported):
         have = "/".join(exported)
         raise PrecisionError(f"this bundle's graphs were exported at {have}, not {mode}: re-export with "
                              f"corrclip-export --precision {mode}, or run it with --precision {have} (or auto)")
     return Plan(mode, stages, False, f"the bundle's export precision ({'/'.join(exported)})", hw)
+
+
+def export_plan(mode: str | None, device: torch.device | str) -> Plan:
+    """The precision each graph of a bundle is exported at. bf16/fp16 lower the encoder graphs (ENCODERS);
+    the decision graphs (correlation head, SAM's prompt graphs) always stay fp32. `auto` picks what the
+    target would run: fp16 for a CUDA target with tensor cores (the research code's own precision for CLIP
+    and DINO), fp32 for a CPU target. A CPU with bf16 units runs such a bundle in bf16 through OpenVINO,
+    which lowers fp32 graphs at load time (bundle_plan); a bf16 ONNX graph would help no CPU runtime here:
+    ONNX Runtime's CPU provider lacks bf16 kernels for most operators, so its parity could not be checked."""
+    mode = mode or "fp32"
+    if mode not in MODES:
+        raise PrecisionError(f"unknown precision {mode!r}; choose one of {', '.join(MODES)}")
+    hw = detect(device)
+    if mode in ("bf16", "fp16"):
+        return Plan(mode, {s: mode for s in ENCODERS}, False, f"asked for {mode} encoder graphs", hw)
+    if mode == "auto" and hw.device == "cuda" and hw.fp16:
+        return Plan("auto", {s: ("fp16" if s in AUTO_STAGES else "fp32") for s in ENCODERS}, False,
+                    f"fp16 encoder graphs for the tensor cores of {hw.name}", hw)
+    why = "asked for the exact reference" if mode == "fp32" else (
+        f"fp32 graphs for a CPU target ({hw.name}): OpenVINO lowers them to bf16 at load time where the CPU "
+        "has bf16 units")
+    return Plan(mode, {s: "fp32" for s in ENCODERS}, False, why, hw)
+

@@ -30,6 +30,11 @@ FIRST = ("test_export.py", "test_methods.py", "test_registry.py", "test_serve.py
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+    if os.environ.get("CORRCLIP_SLOW") != "1":  # full-size and second-compile runs: opt-in, CI's 15 minutes
+        skip = pytest.mark.skip(reason="slow: set CORRCLIP_SLOW=1 to run it")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(params=["cpu", "cuda"])

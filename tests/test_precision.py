@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from corrclip import Segmenter, precision
+from corrclip import Segmenter
 from corrclip.models.half import AtPrecision
 from corrclip.precision import ENCODERS, Hardware, PrecisionError, bundle_plan, resolve
 
@@ -66,13 +66,14 @@ def test_bundle_plan_runs_the_export_precision():
     assert bundle_plan("fp16", half, "cpu", "onnxruntime").name("dino") == "fp16"
 
 
-def test_bundle_plan_openvino_lowers_encoders_only(monkeypatch):
-    monkeypatch.setattr(precision, "detect", lambda device: AMX)
-    plan = bundle_plan("auto", {"sam_encoder": "fp32", "dino": "fp32", "corr_head": "fp32"}, "cpu", "openvino")
+def test_bundle_plan_openvino_lowers_encoders_only():
+    graphs = {"sam_encoder": "fp32", "dino": "fp32", "corr_head": "fp32"}
+    plan = bundle_plan("auto", graphs, "cpu", "openvino", native=lambda p: True)
     assert plan.name("sam_encoder") == "bf16" and plan.name("dino") == "fp32" and plan.name("corr_head") == "fp32"
-    assert bundle_plan("bf16", {"dino": "fp32"}, "cpu", "openvino").name("dino") == "bf16"
-    monkeypatch.setattr(precision, "detect", lambda device: PLAIN)
-    assert bundle_plan("auto", {"dino": "fp32"}, "cpu", "openvino").name("dino") == "fp32"
+    assert bundle_plan("bf16", graphs, "cpu", "openvino", native=lambda p: True).name("dino") == "bf16"
+    # no native bf16 (this AMD EPYC): fp32, and the reason says why
+    plain = bundle_plan("auto", graphs, "cpu", "openvino", native=lambda p: p == "fp32")
+    assert plain.name("sam_encoder") == "fp32" and "no native bf16" in plain.reason
 
 
 def test_at_precision_keeps_the_original_and_returns_fp32():

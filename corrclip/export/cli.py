@@ -26,6 +26,8 @@ from ..cli_args import add_weights_args
 from ..engine.bundle import SCHEMA_VERSION, Bundle, BundleError, BundleWriter
 from ..models.build import Models
 from ..models.checkpoints import WeightsError
+from ..models.half import AtPrecision
+from ..precision import MODES, export_plan
 from .formats import FORMATS, stored_format
 from .graphs import AXIS_MAX, Graph, method_graphs
 
@@ -48,7 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", choices=["dino_vitb8", "dino_vits8", "tiny"], help="DINO model (default: the backbone's)")
     p.add_argument("--format", default="onnx", help=f"comma list of {', '.join(FORMATS)} (default onnx; onnx is "
                    "always written; TensorRT engines are built from the ONNX graphs on the target GPU)")
-    p.add_argument("--precision", choices=list(DTYPES), default="fp32")
+    p.add_argument("--precision", choices=MODES, default="fp32",
+                   help="fp32 (default): every graph exact; bf16/fp16: the encoder graphs (DINO, CLIP trunk and text, "
+                        "SAM encoder) compute in half precision behind fp32 inputs and outputs, the decision graphs "
+                        "(correlation head, SAM prompts) stay fp32; auto: fp16 encoders when exporting on a CUDA "
+                        "device with tensor cores, fp32 otherwise (OpenVINO lowers fp32 graphs to bf16 at load "
+                        "time on CPUs with bf16 units)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--crop", type=int, default=None,
                    help="window size the graphs are built for (default: the method's, 336 or 224 for sc-clip)")
@@ -128,14 +135,19 @@ def _triton_repo(bundle: Path, args: argparse.Namespace) -> int:
 def export(models: Models, args: argparse.Namespace, formats: list[str], writer: BundleWriter) -> dict:
     from tqdm import tqdm
 
-    dtype = DTYPES[args.precision]
+    plan = export_plan(args.precision, args.device)
+    args.export_plan = plan
     graphs = method_graphs(args.method, models, args.crop)
     entries = {}
     for graph in tqdm(graphs, desc="export", unit="graph"):
+        precision = plan.name(graph.name)  # "fp32" for every graph that is not an encoder
+        dtype = DTYPES[precision]
         if dtype != torch.float32:
-            graph.module.to(dtype)
+            # Half precision inside, fp32 at the graph's inputs and outputs (Cast nodes at both ends): every
+            # executor feeds it what the runtime holds, and the decisions after it see fp32.
+            graph = graph.__class__(**{**graph.__dict__, "module": AtPrecision(graph.module, dtype)})
         gen = torch.Generator().manual_seed(0)
-        example = _cast(graph.make_inputs(graph.sizes[0], gen), dtype)
+        example = graph.make_inputs(graph.sizes[0], gen)
         start = time.perf_counter()
         files = []
         for fmt in formats:
@@ -147,7 +159,7 @@ def export(models: Models, args: argparse.Namespace, formats: list[str], writer:
         for f in files:
             f["sha256"] = writer.hashes(f.pop("written"))
         entries[graph.name] = {
-            "files": files, "precision": args.precision, "export_seconds": round(seconds, 2),
+            "files": files, "precision": precision, "export_seconds": round(seconds, 2),
             "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": _symbolic(t.shape, graph.dynamic.get(n, {}))}
                        for n, t in zip(graph.input_names, example)],
@@ -178,9 +190,11 @@ def check_parity(graph: Graph, folder: Path, files: list[dict], dtype: torch.dty
         except BundleError as e:  # e.g. ONNX Runtime's CPU provider has no bf16 kernels
             reason = (str(e.__cause__ or e).strip().splitlines() or [""])[0][:200]
             raise ParityError(f"{checker.name} cannot run graph {graph.name} at {precision} ({reason}), so its "
-                              "parity cannot be checked; export with another --precision") from e
+                              "parity cannot be checked; export with another --precision (CPUs run bf16 from an fp32 "
+                              "bundle: --backend openvino --precision bf16)") from e
     for i, sizes in enumerate(graph.sizes):
-        inputs = _cast(graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i)), dtype)
+        # inputs as the runtime holds them (fp32): a lowered graph casts them itself, like its torch module
+        inputs = graph.make_inputs(sizes, torch.Generator().manual_seed(100 + i))
         with torch.no_grad():
             ref = graph.module(*_to(inputs, device))
         ref = [r.float().cpu() for r in (ref if isinstance(ref, tuple) else (ref,))]
@@ -242,7 +256,8 @@ def manifest_for(models: Models, args: argparse.Namespace, graphs: dict) -> dict
                      "onnxruntime": version("onnxruntime"), "onnxscript": version("onnxscript"),
                      "open_clip_torch": version("open_clip_torch"), "segment_anything": version("segment-anything"),
                      "timm": version("timm"), "python": platform.python_version()},
-        "exported_on": {"device": args.device, "opset": args.opset, "precision": args.precision},
+        "exported_on": {"device": args.device, "opset": args.opset, "precision": args.precision,
+                        "precision_plan": args.export_plan.describe() if hasattr(args, "export_plan") else None},
     }
 
 
@@ -254,10 +269,6 @@ def print_table(manifest: dict) -> None:
         note = f"  ({over:.2%} of rows past {g['parity']['tolerance']:.0e}: flipped thresholds)" if over else ""
         print(f"{name:<12} {g['files'][0]['file']:<24} {g['bytes'] / 1e6:8.1f} {g['export_seconds']:9.1f} "
               f"{max(v['max_rel'] for v in checks):12.2e}{note}")
-
-
-def _cast(t: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    return tuple(x.to(dtype) if x.dtype == torch.float32 else x for x in t)
 
 
 def _to(t: tuple[torch.Tensor, ...], device: str) -> tuple[torch.Tensor, ...]:

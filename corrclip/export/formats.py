@@ -6,6 +6,7 @@ program feeds ONNX and AOTInductor, so both see exactly the same graph.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -21,8 +22,11 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 
 def dynamic_shapes(graph: Graph) -> tuple:
     dims: dict[str, Dim] = {}
-    return tuple({ax: export_dim(sym, dims) for ax, sym in graph.dynamic.get(name, {}).items()} or None
-                 for name in graph.input_names)
+    shapes = tuple({ax: export_dim(sym, dims) for ax, sym in graph.dynamic.get(name, {}).items()} or None
+                   for name in graph.input_names)
+    # A module taking *inputs (models/half.AtPrecision, a lowered graph) receives them as one tuple argument.
+    params = inspect.signature(graph.module.forward).parameters.values()
+    return (shapes,) if any(p.kind is p.VAR_POSITIONAL for p in params) else shapes
 
 
 def exported_program(graph: Graph, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:

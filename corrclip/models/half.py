@@ -44,9 +44,13 @@ def lower_stages(owner, stages: dict[str, nn.Module], plan) -> dict[str, nn.Modu
         dtype = plan.dtype(stage)
         if dtype == torch.float32 or not isinstance(module, nn.Module):
             continue
-        lowered = AtPrecision(module, dtype)
-        for attr, value in list(vars(owner).items()):
-            if value is module:
-                setattr(owner, attr, lowered)
-        out[stage] = lowered
+        out[stage] = replace_module(owner, module, AtPrecision(module, dtype))
     return out
+
+
+def replace_module(owner, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Points every attribute of `owner` that holds `old` at `new`; returns `new`."""
+    for attr, value in list(vars(owner).items()):
+        if value is old:
+            setattr(owner, attr, new)
+    return new

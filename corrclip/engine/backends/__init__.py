@@ -35,6 +35,9 @@ class Backend:
     float64_fallback: str = "onnxruntime"
     checks_export: str | None = None  # export format this backend verifies against torch when a bundle is written
     per_device_files: bool = False  # files are compiled for a device type (AOTInductor)
+    # A backend that picks the inference precision of fp32 graphs at load time (OpenVINO): precision name ->
+    # whether it runs natively on this machine (corrclip.precision.bundle_plan). None: graphs run as exported.
+    native_precision: Callable[[str], bool] | None = None
 
     def file_format(self, device: torch.device) -> str:
         return f"{self.reads}-{device.type}" if self.per_device_files else self.reads

@@ -14,6 +14,7 @@ from . import Backend, register
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
        torch.int32: np.int32, torch.bool: np.bool_}
+_ORT_FLOAT = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
 class OrtExecutor:
@@ -45,12 +46,18 @@ class OrtExecutor:
                               "re-export the bundle") from e
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # Graphs written by corrclip-export take and give fp32 (a lowered graph casts inside). A graph cast
+        # whole to fp16 (older bundles, other exporters) gets its floating inputs cast to what it declares,
+        # and its fp16 outputs back to fp32, so the runtime after it always sees fp32.
+        self.input_types = [_ORT_FLOAT.get(i.type) for i in self.session.get_inputs()]
         self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = tuple(a.to(t) if t is not None and a.is_floating_point() and a.dtype != t else a
+                     for a, t in zip(args, self.input_types, strict=True))
         if not self.on_gpu:
             feed = {n: a.detach().cpu().numpy() for n, a in zip(self.inputs, args, strict=True)}
-            return tuple(torch.from_numpy(o).to(self.device) for o in self.session.run(self.outputs, feed))
+            return tuple(_fp32(torch.from_numpy(o).to(self.device)) for o in self.session.run(self.outputs, feed))
         # IO binding: hand ONNX Runtime the device pointers of contiguous torch tensors, and take the
         # outputs back through DLPack, so nothing crosses the host.
         binding = self.session.io_binding()
@@ -63,7 +70,11 @@ class OrtExecutor:
         for name in self.outputs:
             binding.bind_output(name, device_type="cuda", device_id=self.device.index or 0)
         self.session.run_with_iobinding(binding)
-        return tuple(torch.from_dlpack(o._ortvalue.to_dlpack()) for o in binding.get_outputs())
+        return tuple(_fp32(torch.from_dlpack(o._ortvalue.to_dlpack())) for o in binding.get_outputs())
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def make(bundle: Bundle, name: str, device: torch.device, precision: str = "fp32") -> OrtExecutor:

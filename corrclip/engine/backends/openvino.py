@@ -65,5 +65,5 @@ def make(bundle: Bundle, name: str, device: torch.device, precision: str = "fp32
 
 BACKEND = register(Backend(
     name="openvino", summary="OpenVINO on the CPU from the ONNX graphs (bf16 on AMX/AVX512-BF16 CPUs)",
-    reads="onnx", make=make,
+    reads="onnx", make=make, native_precision=cpu_has,
 ))
