@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, WeightsError, BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if seg.needs_masks:  # bench has no --masks: the region masks must come from SAM
+        print(f"error: {seg.method} needs region masks and bench makes them with SAM: drop --sam none "
+              "(e.g. --points-per-side 8 for a cheaper grid)", file=sys.stderr)
+        return 2
     device, backend = seg.device, seg.backend
     if args.images:
         images = [decode_image(p) for p in args.images]

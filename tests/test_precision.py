@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from corrclip import Segmenter
+from corrclip import Segmenter, precision
 from corrclip.models.half import AtPrecision
 from corrclip.precision import ENCODERS, Hardware, PrecisionError, bundle_plan, resolve
 
@@ -138,3 +138,24 @@ def test_segment_records_what_ran(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(tmp_path / "a.png"), "--classes", "a, b", "--precision", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_bench_reports_the_plan(tmp_path, capsys):
+    from corrclip.cli import main
+
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--backbone", "tiny", "--points-per-side", "2", "--synthetic", "1", "--size", "120x90",
+               "--runs", "1", "--warmup", "0", "--no-flops", "--precision", "auto", "--device", "cpu",
+               "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    plan = precision.resolve("auto", "cpu")
+    assert r["precision"]["requested"] == "auto" and r["precision"]["resolved"] == plan.summary()
+    assert f"precision auto -> {plan.summary()}" in capsys.readouterr().out
+
+
+def test_bench_without_masks_is_one_line(capsys):
+    from corrclip.cli import main
+
+    rc = main(["bench", "--backbone", "tiny", "--sam", "none", "--runs", "1", "--warmup", "0", "--device", "cpu"])
+    assert rc == 2 and "drop --sam none" in capsys.readouterr().err
