@@ -18,10 +18,6 @@ os.environ["CORRCLIP_CACHE"] = tempfile.mkdtemp(prefix="corrclip-test-cache-")
 
 from triton_support import device_skip_reason  # noqa: E402  (after TRITON_INTERPRET is settled)
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # scripts/test.sh runs two workers on two cores: one thread each instead of four fighting over two.
-    torch.set_num_threads(1)
-
 # Files whose module fixtures export whole bundles go first, so that two workers (`--dist loadfile`)
 # end together instead of one starting the longest file last.
 FIRST = ("test_export.py", "test_methods.py", "test_registry.py", "test_serve.py")
