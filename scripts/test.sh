@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then lint + the whole test suite (CPU, two pytest workers: about 15 minutes on 2 shared cores, most of it the tiny bundle export).
+# Sets up .venv if needed, then lint + the whole test suite (CPU, two pytest workers: about 12 minutes on 2 cores, most of it the tiny bundle export).
 # PYTEST_WORKERS=0 runs it in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
