@@ -82,8 +82,7 @@ class Segmenter:
             masks = MaskGenerator.from_sam(models.sam, amg or AmgSettings())
             if plan.fused_attention:
                 masks.encoder = _fused_sam_encoder(masks.encoder)
-            if plan.name("sam_encoder") != "fp32":
-                masks.encoder = AtPrecision(masks.encoder, plan.dtype("sam_encoder"))
+            lower_stages(masks, {"sam_encoder": masks.encoder}, plan)
             if compile:
                 masks.encoder = Compiled(masks.encoder, "sam_encoder", self.device)
         tokenizer = open_clip.get_tokenizer("ViT-B-16" if models.clip_arch == "tiny" else models.clip_arch)

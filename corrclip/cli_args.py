@@ -61,7 +61,8 @@ def add_precision_arg(g) -> None:
     g.add_argument("--precision", choices=MODES, default="fp32",
                    help="fp32: the exact reference (default); bf16/fp16: the encoders in half precision, every "
                         "decision in fp32; auto: the fastest mix within the research code's own rounding on this "
-                        "hardware (bf16 on AMX/AVX512-BF16 CPUs, fp16 on CUDA, fp32 + fused attention elsewhere). "
+                        "hardware (fp16 encoders on CUDA; on CPUs fp32 + fused attention, SAM's encoder in "
+                        "bf16 where AMX/AVX512-BF16 exist). "
                         "Bundles run at their export precision; OpenVINO picks it at load time")
 
 
